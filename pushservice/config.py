@@ -1,0 +1,124 @@
+"""The service's configuration: a frozen value built once from the options."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import parse_qs, unquote, urlsplit
+
+__all__ = ["Config", "RedisAddress", "parse_redis_url"]
+
+
+@dataclass(frozen=True)
+class RedisAddress:
+    """Where Redis is: TCP (optionally TLS, certificate checked) or a unix socket."""
+
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    username: str | None = None
+    password: str | None = None
+    unix_path: str | None = None
+    tls: bool = False
+    tls_ca_file: str | None = None
+
+    def describe(self) -> str:
+        """A printable form with the password left out."""
+        if self.unix_path:
+            return f"unix://{self.unix_path}?db={self.db}"
+        scheme = "rediss" if self.tls else "redis"
+        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+
+
+def parse_redis_url(url: str) -> RedisAddress:
+    """
+    Parse ``redis://[user:pass@]host[:port][/db]``, ``rediss://...`` (TLS; the
+    query ``ca=/path/ca.pem`` names a private CA) or ``unix:///path.sock[?db=N]``.
+
+    @raise ValueError: with a message that says what is wrong.
+    """
+    parts = urlsplit(url)
+    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    try:
+        db = int(query.get("db", "0"))
+    except ValueError:
+        raise ValueError(f"db must be a number in {url!r}") from None
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ValueError(f"no socket path in {url!r}: use unix:///path/to/redis.sock")
+        return RedisAddress(
+            unix_path=parts.path,
+            db=db,
+            username=unquote(parts.username) if parts.username else None,
+            password=unquote(parts.password) if parts.password else None,
+        )
+    if parts.scheme not in ("redis", "rediss"):
+        raise ValueError(
+            f"unsupported Redis URL {url!r}: use redis://host:port/db, "
+            "rediss://host:port/db or unix:///path.sock"
+        )
+    path = parts.path.strip("/")
+    if path:
+        if not path.isdigit():
+            raise ValueError(f"the database in {url!r} must be a number, like redis://host:6379/0")
+        db = int(path)
+    try:
+        port = parts.port or 6379
+    except ValueError:
+        raise ValueError(f"bad port in {url!r}") from None
+    return RedisAddress(
+        host=parts.hostname or "127.0.0.1",
+        port=port,
+        db=db,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+        tls=parts.scheme == "rediss",
+        tls_ca_file=query.get("ca"),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    Everything the service needs to run; picklable, so a .tap can carry it.
+
+    ``redis`` is None when no Redis was configured: the service then uses the
+    one on 127.0.0.1:6379 or starts a private redis-server there.
+    """
+
+    listen: tuple[str, ...] = ("tcp:8000",)
+    redis: RedisAddress | None = None
+    queue: str = "messages"
+    max_message_size: int = 64 * 1024
+    max_frame_size: int = 1024 * 1024
+    ping_interval: float = 25.0
+    ping_timeout: float = 10.0
+    handshake_timeout: float = 5.0
+    max_connections: int = 25000
+    redis_timeout: float = 5.0
+    history: int = 1000
+    history_bytes: int = 8 * 1024 * 1024
+    log_maxlen: int = 100000
+    batch: int = 500
+    max_subscriptions: int = 100
+    client_rate: float = 50.0
+    client_burst: int = 100
+    slow_client_bytes: int = 1024 * 1024
+    slow_client_seconds: float = 10.0
+    shutdown_timeout: float = 10.0
+    allowed_origins: tuple[str, ...] = ("*",)
+    token_secret_file: str | None = None
+    require_token: bool = False
+    client_publish: str = "on"
+    auth_timeout: float = 5.0
+    demo: bool = True
+    trusted_proxies: int = 0
+
+    @property
+    def dead_key(self) -> str:
+        """The dead-letter list for items that are not valid envelopes."""
+        return f"{self.queue}:dead"
+
+    @property
+    def log_key(self) -> str:
+        """The Redis stream that orders every message of the deployment."""
+        return f"{self.queue}:log"

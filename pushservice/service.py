@@ -1,0 +1,124 @@
+"""
+The node: starts Redis access, the hub and the listeners in order, and stops
+them in the reverse order with a bound (one service, because MultiService
+stops its children all at once).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from .config import Config
+
+__all__ = ["PushService"]
+
+
+class _Running:
+    """The live objects of a started service; never pickled."""
+
+    def __init__(self) -> None:
+        self.ports: list[Any] = []
+        self.local_redis: Any = None
+        self.bus: Any = None
+        self.factory: Any = None
+        self.startup: defer.Deferred[None] | None = None
+
+
+class PushService(Service):
+    """One pushservice node. Holds only its Config until started, so a .tap can pickle it."""
+
+    _log = Logger()
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.name = "pushservice"
+        self._running: _Running | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_running", "running")}
+        state["_running"] = None
+        return state
+
+    def startService(self) -> None:
+        from twisted.internet import reactor
+
+        from .bus import Bus
+        from .hub import History, Hub
+        from .metrics import Stats
+        from .web import make_site
+        from .websocket import PushFactory, frame
+
+        super().startService()
+        config = self.config
+        run = self._running = _Running()
+        stats = Stats()
+        hub = Hub(History(config.history, config.history_bytes), stats)
+        run.bus = bus = Bus(reactor, config, hub, stats, framer=frame)
+        run.factory = factory = PushFactory(reactor, config, hub, bus, stats)
+        site = make_site(factory, bus, stats, config.demo, timeout=max(30.0, config.handshake_timeout))
+        self._listen(reactor, site)
+        run.startup = defer.ensureDeferred(self._connect(reactor, run))
+        run.startup.addErrback(self._startup_failed, reactor)
+
+    def _listen(self, reactor: Any, site: Any) -> None:
+        """Listen on every endpoint now, so a port in use fails twistd at startup."""
+        from twisted.internet import endpoints
+
+        assert self._running is not None
+        for description in self.config.listen:
+            failures: list[Any] = []
+            d = endpoints.serverFromString(reactor, description).listen(site)
+            d.addCallbacks(self._running.ports.append, failures.append)
+            if failures:
+                for port in self._running.ports:
+                    port.stopListening()
+                failures[0].raiseException()
+            address = self._running.ports[-1].getHost()
+            self._log.info("listening on {address}", address=address)
+            if getattr(address, "port", None):
+                host = address.host if address.host not in ("0.0.0.0", "::") else "127.0.0.1"
+                self._log.info("demo page: http://{host}:{port}/", host=host, port=address.port)
+
+    async def _connect(self, reactor: Any, run: _Running) -> None:
+        address = self.config.redis
+        if address is None:
+            from .localredis import LocalRedis
+
+            run.local_redis = LocalRedis(reactor)
+            address = await run.local_redis.start()
+        run.bus.start(address)
+
+    def _startup_failed(self, failure: Any, reactor: Any) -> None:
+        self._log.critical("cannot start: {why}", why=failure.getErrorMessage())
+        reactor.stop()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        run, self._running = self._running, None
+        if run is None:
+            return defer.succeed(None)
+        from twisted.internet import reactor
+
+        d = defer.ensureDeferred(self._stop(run))
+        d.addTimeout(self.config.shutdown_timeout, reactor)
+        d.addErrback(lambda f: self._log.warn("shutdown took over {t}s; exiting anyway", t=self.config.shutdown_timeout))
+        return d
+
+    async def _stop(self, run: _Running) -> None:
+        """Stop accepting, close clients with 1001, stop the Redis loops, then Redis."""
+        await defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in run.ports])
+        clients = run.factory.connections()
+        closed = [defer.Deferred() for _ in clients]
+        for client, d in zip(clients, closed):
+            client.is_closed.addBoth(lambda _, d=d: d.callback(None))
+            client.close_for_shutdown()
+        self._log.info("stopping: closing {n} connections", n=len(clients))
+        await defer.DeferredList(closed)
+        await run.bus.stop()
+        if run.local_redis is not None:
+            await run.local_redis.stop()
+        self._log.info("stopped")

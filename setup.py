@@ -1,0 +1,41 @@
+"""Packaging for pushservice: the package plus its twistd plugin dropin."""
+
+from setuptools import setup
+
+setup(
+    name="pushservice",
+    version="0.1.0",
+    description="Real-time push over WebSocket, fed by a Redis list (a twistd plugin)",
+    long_description=open("README.rst", encoding="utf-8").read(),
+    long_description_content_type="text/x-rst",
+    license="MIT",
+    python_requires=">=3.10",
+    # find_packages() misses the twisted.plugins namespace; never ship its __init__.py
+    packages=["pushservice", "twisted.plugins"],
+    package_data={"pushservice": ["static/*", "*.lua"], "twisted.plugins": []},
+    install_requires=[
+        "twisted[tls]>=24.7",
+        "autobahn[twisted]>=24.4",
+        "txredisapi>=1.6",
+        "PyJWT>=2.8",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "redis>=5",
+            "hypothesis>=6",
+            "selenium>=4.20",
+            "ruff>=0.6",
+            "mypy>=1.10",
+            "mypy-zope>=1.0",
+        ],
+    },
+    entry_points={"console_scripts": ["pushservice-mktap = pushservice.mktap:main"]},
+    classifiers=[
+        "Framework :: Twisted",
+        "Programming Language :: Python :: 3",
+        "Topic :: Internet :: WWW/HTTP",
+    ],
+)

@@ -1,0 +1,50 @@
+"""The ingest loop, delivery, publish and channels, in-process against a real redis-server."""
+
+from __future__ import annotations
+
+import json
+
+import pytest_twisted
+from helpers import connect
+
+
+@pytest_twisted.ensureDeferred
+async def test_pushed_item_reaches_every_client(node, redis_sync):
+    """A plain LPUSHed string reaches every connection as a broadcast with an offset."""
+    a, b = await connect(node.port), await connect(node.port)
+    redis_sync.lpush(node.config.queue, "hello")
+    for client in (a, b):
+        frame = await client.next_of("message")
+        assert frame["content"] == "hello" and frame["channel"] is None
+        assert isinstance(frame["offset"], str)
+    await a.close()
+    await b.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_order_and_exactly_once(node, redis_sync):
+    """Items arrive in push order, each once, with increasing offsets."""
+    client = await connect(node.port)
+    redis_sync.lpush(node.config.queue, *[f"m{i}" for i in range(300)])
+    frames = await client.messages(300)
+    assert [f["content"] for f in frames] == [f"m{i}" for i in range(300)]
+    offsets = [tuple(map(int, f["offset"].split("-"))) for f in frames]
+    assert offsets == sorted(offsets) and len(set(offsets)) == 300
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_envelope_channels_and_users(node, redis_sync):
+    """Envelopes reach their channel's subscribers only; plain items reach all."""
+    news = await connect(node.port, "channels=news")
+    other = await connect(node.port)
+    q = node.config.queue
+    redis_sync.lpush(q, json.dumps({"content": {"n": 1}, "channel": "news"}))
+    redis_sync.lpush(q, json.dumps({"content": "all"}))
+    first = await news.next_of("message")
+    assert first["content"] == {"n": 1} and first["channel"] == "news"
+    assert (await news.next_of("message"))["content"] == "all"
+    assert (await other.next_of("message"))["content"] == "all"
+    assert other.pending() == 0
+    await news.close()
+    await other.close()
