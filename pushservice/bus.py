@@ -95,6 +95,7 @@ class Bus:
         self._framer = framer
         self._stopping = False
         self._factories: list[Any] = []
+        self._pool: Any = None  # set by start(); requests before it are unavailable
         self._loops: list[defer.Deferred[None]] = []
         self.last_id = b"0-0"
         self._tail_seen: tuple[bytes | None, float] = (None, 0.0)
@@ -255,7 +256,11 @@ class Bus:
 
     # -- requests ----------------------------------------------------------
 
-    def _timed(self, d: defer.Deferred[Any]) -> defer.Deferred[Any]:
+    def _request(self, *command: Any) -> defer.Deferred[Any]:
+        """A command on the shared pool that fails with L{Unavailable} past the Redis timeout."""
+        if self._pool is None:
+            return defer.fail(Unavailable("not connected to Redis yet"))
+        d = self._pool.execute_command(*command)
         d.addTimeout(self._config.redis_timeout, self._reactor)
 
         def unavailable(failure: Any) -> None:
@@ -266,19 +271,19 @@ class Bus:
 
     def publish(self, item: bytes) -> defer.Deferred[Any]:
         """LPUSH C{item} onto the queue; fails with L{Unavailable} if Redis does not confirm."""
-        return self._timed(self._pool.execute_command("LPUSH", self._config.queue, item))
+        return self._request("LPUSH", self._config.queue, item)
 
     def ping(self) -> defer.Deferred[bool]:
         """True if Redis answered a PING within the Redis timeout."""
-        d = self._timed(self._pool.execute_command("PING"))
+        d = self._request("PING")
         return d.addCallbacks(lambda _: True, lambda _: False)
 
     async def sample_queue(self) -> None:
         """Update the queue depth and the (approximate) age of its oldest item, for /metrics."""
         queue = self._config.queue
         try:
-            depth = await self._timed(self._pool.execute_command("LLEN", queue))
-            tail = await self._timed(self._pool.execute_command("LINDEX", queue, -1)) if depth else None
+            depth = await self._request("LLEN", queue)
+            tail = await self._request("LINDEX", queue, -1) if depth else None
         except Unavailable:
             self._stats.queue_depth = self._stats.queue_oldest_age = None
             return

@@ -1,0 +1,69 @@
+"""The README's first command: a node with no --redis finds or starts a Redis and serves the demo."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import time
+import urllib.request
+import uuid
+
+import pytest
+from conftest import TWISTD, TwistdProcess, free_port
+
+
+def redis_on_6379() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def test_without_redis_option_a_local_redis_is_used_and_the_demo_served(tmp_path):
+    """No --redis: the node uses (or starts) Redis on 127.0.0.1:6379, logs the demo URL, serves / and delivers."""
+    import redis
+
+    had_redis = redis_on_6379()
+    port = free_port()
+    queue = f"q-{uuid.uuid4().hex[:8]}"
+    args = [str(TWISTD), "-n", "--pidfile=", "--logfile=-", "pushservice",
+            "--listen", f"tcp:{port}:interface=127.0.0.1", "--queue", queue]
+    node = TwistdProcess(args, tmp_path, port, queue)
+    node.start()
+    try:
+        assert f"demo page: http://127.0.0.1:{port}/" in node.log()
+        with urllib.request.urlopen(node.url + "/", timeout=5) as r:
+            page = r.read().decode()
+        assert "pushservice.js" in page and "LPUSH" in page
+        with urllib.request.urlopen(node.url + "/pushservice.js", timeout=5) as r:
+            assert b"class PushService" in r.read()
+        client = redis.Redis(port=6379, socket_timeout=5)
+        client.lpush(queue, "hello")
+        for _ in range(100):
+            if client.llen(queue) == 0 and client.xlen(f"{queue}:log") == 1:
+                break
+            time.sleep(0.05)
+        assert client.xlen(f"{queue}:log") == 1, node.log()
+        client.delete(queue, f"{queue}:log")
+        client.close()
+    finally:
+        # twistd re-raises SIGTERM after a clean shutdown, so the exit status is the signal's
+        assert node.stop() in (0, -15)
+    assert "Traceback" not in node.log()
+    if not had_redis:
+        assert "started a private redis-server" in node.log()
+        assert not redis_on_6379(), "the private redis-server must stop with the node"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--listen", "tcp:notaport"], "--listen"),
+    (["--redis", "http://x"], "--redis"),
+    (["--max-message-size", "-1"], "--max-message-size"),
+])
+def test_bad_options_fail_with_a_clear_message(args, message):
+    """A bad option makes twistd exit non-zero naming the option, before it starts anything."""
+    out = subprocess.run([str(TWISTD), "-n", "pushservice", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0
+    assert message in out.stdout + out.stderr
