@@ -14,6 +14,7 @@ from typing import Any
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import PreparedMessage, WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
+from twisted.internet import tcp
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -58,6 +59,7 @@ class PushProtocol(WebSocketServerProtocol):
         self._tokens = 0.0
         self._refilled = 0.0
         self._timers: list[Any] = []
+        self._socket: Any = None
 
     # -- handshake ---------------------------------------------------------
 
@@ -94,6 +96,8 @@ class PushProtocol(WebSocketServerProtocol):
         # twisted.web's channel is still the registered producer (see FIELD-NOTES B)
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
+        if isinstance(self.transport, tcp.Connection):
+            self._socket = self.transport.socket
         self._refilled = f.reactor.seconds()
         self._tokens = float(f.config.client_burst)
         f.stats.connections += 1
@@ -244,7 +248,25 @@ class PushProtocol(WebSocketServerProtocol):
             ):
                 self._drop_slow()
                 return
-        self.transport.write(data)
+        transport = self.transport
+        if (
+            self._socket is not None
+            and not transport._tempDataBuffer
+            and transport.offset == len(transport.dataBuffer)
+            and transport.connected
+        ):
+            # Nothing is queued: send now instead of through the reactor's
+            # register-for-write, send, unregister round (three syscalls).
+            try:
+                sent = self._socket.send(data)
+            except BlockingIOError:
+                sent = 0
+            except OSError:
+                sent = 0  # let Twisted find and report the broken connection
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def _drop_slow(self) -> None:
         self.factory.stats.slow_disconnects += 1
