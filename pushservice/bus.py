@@ -48,7 +48,7 @@ def _endpoint(reactor: Any, address: RedisAddress, timeout: float) -> Any:
 
     if address.unix_path:
         return endpoints.UNIXClientEndpoint(reactor, address.unix_path, timeout=timeout)
-    endpoint = endpoints.HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
+    endpoint: Any = endpoints.HostnameEndpoint(reactor, address.host, address.port, timeout=timeout)
     if address.tls:
         trust = None
         if address.tls_ca_file:

@@ -23,6 +23,8 @@ HOST, PORT = "127.0.0.1", 6379
 
 
 class _Ping(protocol.Protocol):
+    transport: Any
+
     def __init__(self) -> None:
         self.answered: defer.Deferred[bool] = defer.Deferred()
 
@@ -41,7 +43,7 @@ async def redis_answers(reactor: Any, host: str = HOST, port: int = PORT, timeou
     factory = protocol.Factory.forProtocol(_Ping)
     factory.noisy = False
     try:
-        ping = await TCP4ClientEndpoint(reactor, host, port, timeout=timeout).connect(factory)
+        ping: Any = await TCP4ClientEndpoint(reactor, host, port, timeout=timeout).connect(factory)
     except Exception:
         return False
     ping.answered.addTimeout(timeout, reactor)
@@ -101,11 +103,11 @@ class LocalRedis:
     async def stop(self) -> None:
         process = self._process
         if process is not None and not process.ended.called:
-            process.transport.signalProcess(signal.SIGTERM)  # type: ignore[attr-defined]
+            process.transport.signalProcess(signal.SIGTERM)  # type: ignore[union-attr]
             process.ended.addTimeout(5, self._reactor)
             try:
                 await process.ended
             except defer.TimeoutError:
-                process.transport.signalProcess(signal.SIGKILL)  # type: ignore[attr-defined]
+                process.transport.signalProcess(signal.SIGKILL)  # type: ignore[union-attr]
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)

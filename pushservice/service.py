@@ -112,7 +112,7 @@ class PushService(Service):
         """Stop accepting, close clients with 1001, stop the Redis loops, then Redis."""
         await defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in run.ports])
         clients = run.factory.connections()
-        closed = [defer.Deferred() for _ in clients]
+        closed: list[defer.Deferred[None]] = [defer.Deferred() for _ in clients]
         for client, d in zip(clients, closed):
             client.is_closed.addBoth(lambda _, d=d: d.callback(None))
             client.close_for_shutdown()

@@ -21,18 +21,17 @@ __all__ = ["make_site"]
 
 
 def _static(name: str, content_type: bytes) -> resource.Resource:
-    data = resources.files("pushservice").joinpath("static", name).read_bytes()
-    page = static.Data(data, content_type.decode())
-    return page
+    data = resources.files("pushservice").joinpath("static").joinpath(name).read_bytes()
+    return static.Data(data, content_type.decode())
 
 
 class _Root(resource.Resource):
-    def __init__(self, websocket: resource.Resource, demo: resource.Resource) -> None:
+    def __init__(self, websocket: Any, demo: Any) -> None:
         super().__init__()
         self._websocket = websocket
         self._demo = demo
 
-    def getChild(self, path: bytes, request: Any) -> resource.Resource:
+    def getChild(self, path: bytes, request: Any) -> Any:
         if path == b"":
             upgrade = request.getHeader(b"upgrade") or b""
             return self._websocket if upgrade.lower() == b"websocket" else self._demo
@@ -101,7 +100,7 @@ class _Site(server.Site):
 
 def make_site(factory: PushFactory, bus: Bus, stats: Stats, demo: bool, timeout: float) -> server.Site:
     """The Site serving WebSocket and HTTP on one port."""
-    page = _static("demo.html", b"text/html; charset=utf-8") if demo else pages.notFound()
+    page: Any = _static("demo.html", b"text/html; charset=utf-8") if demo else pages.notFound()
     root = _Root(WebSocketResource(factory), page)
     root.putChild(b"pushservice.js", _static("pushservice.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"healthz", _Health(bus))

@@ -25,8 +25,18 @@ from .config import Config
 from .hub import Hub
 from .metrics import Stats
 from .wire import (
-    Auth, Offset, Publish, Subscribe, Unsubscribe, WireError, check_channel, envelope, error_frame,
-    parse_offset, parse_request, reply_frame,
+    Auth,
+    Offset,
+    Publish,
+    Subscribe,
+    Unsubscribe,
+    WireError,
+    check_channel,
+    envelope,
+    error_frame,
+    parse_offset,
+    parse_request,
+    reply_frame,
 )
 
 __all__ = ["PushFactory", "PushProtocol", "frame"]
@@ -45,6 +55,7 @@ class PushProtocol(WebSocketServerProtocol):
 
     _log = Logger()  # Autobahn owns self.log
     factory: PushFactory
+    transport: Any
 
     def __init__(self) -> None:
         super().__init__()
@@ -315,7 +326,7 @@ class PushProtocol(WebSocketServerProtocol):
 class PushFactory(WebSocketServerFactory):
     """Shared state of every connection on this node, and Autobahn's options, set once."""
 
-    protocol = PushProtocol
+    protocol = PushProtocol  # type: ignore[assignment]
 
     def __init__(self, reactor: Any, config: Config, hub: Hub, bus: Bus, stats: Stats) -> None:
         super().__init__()

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 __all__ = [
     "Auth", "Offset", "Publish", "Request", "Subscribe", "Unsubscribe", "WireError",
@@ -32,7 +32,7 @@ MAX_ID = 128
 Offset = tuple[int, int]
 """A log offset, ``"<ms>-<seq>"`` on the wire (a Redis stream ID), ordered as a tuple."""
 
-RequestId = Union[str, int, None]
+RequestId = str | int | None
 
 
 class WireError(Exception):
@@ -71,7 +71,7 @@ class Auth:
     token: str
 
 
-Request = Union[Publish, Subscribe, Unsubscribe, Auth]
+Request = Publish | Subscribe | Unsubscribe | Auth
 
 
 def parse_offset(text: object) -> Offset:
@@ -110,6 +110,10 @@ def _request_id(frame: dict[str, Any]) -> RequestId:
     return rid
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON")
+
+
 def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
     """
     Parse one client frame.
@@ -120,7 +124,8 @@ def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
     if is_binary:
         raise WireError("bad_request", "binary frames are not accepted: send JSON text")
     try:
-        frame = json.loads(payload)
+        # NaN/Infinity are not JSON: relayed, they would break every browser's JSON.parse
+        frame = json.loads(payload, parse_constant=_not_json)
     except (ValueError, RecursionError):
         raise WireError("bad_request", "frame is not valid JSON") from None
     if not isinstance(frame, dict):
