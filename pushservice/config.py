@@ -99,6 +99,7 @@ class Config:
     history_bytes: int = 8 * 1024 * 1024
     log_maxlen: int = 100000
     batch: int = 500
+    backlog: int = 1024
     max_subscriptions: int = 100
     client_rate: float = 50.0
     client_burst: int = 100

@@ -17,6 +17,14 @@ from .config import Config
 __all__ = ["PushService"]
 
 
+def _with_backlog(description: str, backlog: int) -> str:
+    """Add C{backlog} to a tcp/ssl/unix endpoint string that sets none."""
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6", "ssl", "unix") and "backlog=" not in description:
+        return f"{description}:backlog={backlog}"
+    return description
+
+
 class _Running:
     """The live objects of a started service; never pickled."""
 
@@ -71,7 +79,7 @@ class PushService(Service):
         assert self._running is not None
         for description in self.config.listen:
             failures: list[Any] = []
-            d = endpoints.serverFromString(reactor, description).listen(site)
+            d = endpoints.serverFromString(reactor, _with_backlog(description, self.config.backlog)).listen(site)
             d.addCallbacks(self._running.ports.append, failures.append)
             if failures:
                 for port in self._running.ports:

@@ -74,6 +74,8 @@ _PARAMETERS: list[tuple[str, str | None, Callable[[str], Any], str]] = [
     ("history-bytes", "8m", _size, "Byte bound on the replay history."),
     ("log-maxlen", "100000", _positive_int, "Approximate length the Redis stream (the ordered log) is trimmed to."),
     ("batch", "500", _positive_int, "Most items moved from the list to the log in one step."),
+    ("backlog", "1024", _positive_int,
+     "Listen backlog for tcp/ssl/unix endpoints that set none (Twisted's 50 drops reconnect storms)."),
     ("max-subscriptions", "100", _positive_int, "Channels one connection may subscribe to."),
     ("client-rate", "50", _seconds, "Client frames per second allowed per connection (token bucket)."),
     ("client-burst", "100", _positive_int, "Burst size of that token bucket."),

@@ -44,6 +44,12 @@ __all__ = ["PushFactory", "PushProtocol", "frame"]
 _OPEN = WebSocketProtocol.STATE_OPEN
 
 
+_HANDSHAKE_LEFTOVERS = (
+    "http_request_data", "http_response_data", "http_headers", "http_status_line", "http_request_uri",
+    "http_request_params", "http_request_path", "websocket_protocols", "websocket_extensions",
+)
+
+
 def frame(payload: bytes) -> bytes:
     """One unmasked, uncompressed text frame, built once and sendable to any connection."""
     return PreparedMessage(payload, False, False, True).payloadHybi  # type: ignore[no-any-return]
@@ -113,6 +119,9 @@ class PushProtocol(WebSocketServerProtocol):
         self._tokens = float(f.config.client_burst)
         f.stats.connections += 1
         f.stats.connections_total += 1
+        # the handshake's request and response stay on the protocol for its life: ~1 KB each
+        for name in _HANDSHAKE_LEFTOVERS:
+            setattr(self, name, None)
         f.hub.add(self)
         if self._grant is not None:
             self._authenticated(self._grant)
@@ -350,8 +359,15 @@ class PushFactory(WebSocketServerFactory):
             closeHandshakeTimeout=1,
             maxConnections=config.max_connections,
             trustXForwardedFor=config.trusted_proxies,
-            failByDrop=True,
+            # False: a protocol error (frame over the limit, bad UTF-8) sends its close frame
+            # (1009, 1007, ...) before the drop, as SPEC promises; closeHandshakeTimeout bounds the wait
+            failByDrop=False,
         )
+        # Autobahn copies ~40 options from the factory onto every connection
+        # (and pretty-prints them for a debug line): a third of a handshake's
+        # CPU and a per-connection dict. Give them to a class made once instead.
+        options = {name: getattr(self, name) for name in PushProtocol.CONFIG_ATTRS}
+        self.protocol = type("PushProtocol", (PushProtocol,), {**options, "CONFIG_ATTRS": ()})
 
     def origin_allowed(self, origin: str) -> bool:
         normalized = normalize_origin(origin)
