@@ -105,7 +105,9 @@ class Bus:
     def start(self, address: RedisAddress) -> None:
         self._address = address
         timeout = self._config.redis_timeout
-        self._pool = self._add(_connect(self._reactor, self._address, 2, timeout))
+        # one connection: txredisapi picks a pool member at random per command, which would
+        # reorder one client's publishes; a single pipelined connection keeps them in order
+        self._pool = self._add(_connect(self._reactor, self._address, 1, timeout))
         self._mover = self._add(_connect(self._reactor, self._address, 1, timeout))
         self._tailer = self._add(_connect(self._reactor, self._address, 1, timeout))
         self._loops = [
@@ -120,9 +122,17 @@ class Bus:
     def stop(self) -> defer.Deferred[None]:
         """Stop both loops and disconnect. Loses nothing: BLMOVE and XREAD take nothing."""
         self._stopping = True
-        d = defer.DeferredList([f.disconnect() for f in self._factories], consumeErrors=True)
-        d.addCallback(lambda _: defer.DeferredList(self._loops, consumeErrors=True))
-        return d.addCallback(lambda _: None)
+        return defer.ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        # a coroutine, not a DeferredList chain: DeferredList.cancel() does not reach a Deferred
+        # chained to it, so the service's shutdown timeout could not interrupt a hung stop
+        await defer.DeferredList([f.disconnect() for f in self._factories], consumeErrors=True)
+        # with Redis down, a loop waits for a connection of a factory that disconnect() just
+        # stopped: txredisapi never fails that wait, so end it (cancelling takes nothing)
+        for loop in self._loops:
+            loop.cancel()
+        await defer.DeferredList(self._loops, consumeErrors=True)
 
     # -- the loops ---------------------------------------------------------
 
@@ -173,8 +183,8 @@ class Bus:
                 if not reply:
                     continue
                 entries = reply[0][1]
-                self.last_id = entries[-1][0]
                 batch = [self._message(entry_id, fields) for entry_id, fields in entries]
+                self.last_id = entries[-1][0]
                 self._stats.messages_in += len(batch)
                 self._stats.last_offset_ms = batch[-1].offset[0]
                 self._hub.deliver(batch)
@@ -225,7 +235,7 @@ class Bus:
                 channel, user = envelope.get("channel"), envelope.get("user")
             else:
                 content = raw.decode("utf-8")
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, RecursionError):
             # move.lua vetted it; a disagreement between its JSON and ours lands here
             self._log.warn("log entry {offset} is not what move.lua wrote; delivered as text", offset=offset_text)
             content, channel, user = raw.decode("utf-8", "replace"), None, None

@@ -52,6 +52,11 @@ local function classify(item)
       if bad_name(v.user) then return nil, "envelope user must be a string of 1-255 bytes" end
       return "e"
     end
+    -- meant as an envelope but undecodable here (lone surrogate escape, nesting over
+    -- 1000, broken JSON): broadcasting it as text could leak a channel's or user's message
+    if not ok and string.find(item, '"content"', 1, true) then
+      return nil, "item looks like an envelope but is not JSON that Redis can decode"
+    end
   end
   return "r"
 end

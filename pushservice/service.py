@@ -67,7 +67,9 @@ class PushService(Service):
         hub = Hub(History(config.history, config.history_bytes), stats)
         run.bus = bus = Bus(reactor, config, hub, stats, framer=frame)
         run.factory = factory = PushFactory(reactor, config, hub, bus, stats)
-        site = make_site(factory, bus, stats, config.demo, timeout=max(30.0, config.handshake_timeout))
+        # the Site's idle timeout bounds a stalled HTTP request line/headers (Autobahn's own
+        # handshake timer only starts once twisted.web has handed the connection over)
+        site = make_site(factory, bus, stats, config.demo, timeout=config.handshake_timeout)
         self._listen(reactor, site)
         run.startup = defer.ensureDeferred(self._connect(reactor, run))
         run.startup.addErrback(self._startup_failed, reactor)

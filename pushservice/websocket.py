@@ -36,6 +36,7 @@ from .wire import (
     error_frame,
     parse_offset,
     parse_request,
+    peek_id,
     reply_frame,
 )
 
@@ -153,7 +154,7 @@ class PushProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         f = self.factory
         if not self._take_token():
-            self._error("rate_limited", "too many frames: slow down", None)
+            self._error("rate_limited", "too many frames: slow down", peek_id(payload, isBinary, f.config.max_message_size))
             return
         try:
             request = parse_request(payload, isBinary, f.config.max_message_size)
@@ -194,10 +195,12 @@ class PushProtocol(WebSocketServerProtocol):
         if request.channel not in self.channels and len(self.channels) >= f.config.max_subscriptions:
             raise WireError("bad_request", f"at most {f.config.max_subscriptions} subscriptions", request.id)
 
-        def subscribe(_: object) -> None:
+        # join now (counts against the limit at once); live messages only flow once the hub is ready
+        f.hub.subscribe(self, request.channel)
+
+        def subscribed(_: object) -> None:
             if self.state != _OPEN:
                 return
-            f.hub.subscribe(self, request.channel)
             if request.since is None:
                 self._reply("subscribed", request.id, channel=request.channel)
                 return
@@ -206,11 +209,14 @@ class PushProtocol(WebSocketServerProtocol):
             if replay:
                 self.push(replay)
 
-        f.hub.when_ready().addCallback(subscribe)
+        f.hub.when_ready().addCallback(subscribed)
 
     def _unsubscribe(self, request: Unsubscribe) -> None:
         self.factory.hub.unsubscribe(self, request.channel)
-        self._reply("unsubscribed", request.id, channel=request.channel)
+        # through when_ready too, so replies keep the order of the requests
+        self.factory.hub.when_ready().addCallback(
+            lambda _: self._reply("unsubscribed", request.id, channel=request.channel)
+        )
 
     def _auth(self, request: Auth) -> None:
         if self._grant is not None:
@@ -367,7 +373,7 @@ class PushFactory(WebSocketServerFactory):
         # (and pretty-prints them for a debug line): a third of a handshake's
         # CPU and a per-connection dict. Give them to a class made once instead.
         options = {name: getattr(self, name) for name in PushProtocol.CONFIG_ATTRS}
-        self.protocol = type("PushProtocol", (PushProtocol,), {**options, "CONFIG_ATTRS": ()})
+        self.protocol = type("PushProtocol", (PushProtocol,), {**options, "CONFIG_ATTRS": ()})  # type: ignore[assignment]
 
     def origin_allowed(self, origin: str) -> bool:
         normalized = normalize_origin(origin)

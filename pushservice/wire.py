@@ -18,6 +18,7 @@ Server to client:
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,30 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not JSON")
 
 
+# an escaped UTF-16 surrogate; only a lone one is a problem (Redis's cjson refuses it, so the
+# envelope would be delivered as a raw string to every connection, whatever its channel)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(frame: Any) -> bool:
+    try:
+        json.dumps(frame, ensure_ascii=False).encode("utf-8")
+    except (UnicodeEncodeError, RecursionError):
+        return True
+    return False
+
+
+def peek_id(payload: bytes, is_binary: bool, max_size: int) -> RequestId:
+    """The id of a frame that will not be served (rate limited), if it has a valid one."""
+    if is_binary or len(payload) > max_size:
+        return None
+    try:
+        frame = json.loads(payload)
+        return _request_id(frame) if isinstance(frame, dict) else None
+    except (ValueError, RecursionError, WireError):
+        return None
+
+
 def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
     """
     Parse one client frame.
@@ -133,6 +158,8 @@ def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
     rid = _request_id(frame)
     if len(payload) > max_size:
         raise WireError("too_large", f"message is over the {max_size} byte limit", rid)
+    if _SURROGATE_ESCAPE.search(payload) and _has_lone_surrogate(frame):
+        raise WireError("bad_request", "text holds a lone surrogate (an unpaired \\ud800-\\udfff escape)", rid)
     kind = frame.get("type")
     try:
         if kind == "message":

@@ -48,3 +48,38 @@ async def test_envelope_channels_and_users(node, redis_sync):
     assert other.pending() == 0
     await news.close()
     await other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_malformed_envelopes_go_to_the_dead_letter_list(node, redis_sync):
+    """Undeliverable items land on <queue>:dead as pushed, counted, and the stream goes on in order."""
+    client = await connect(node.port)
+    q = node.config.queue
+    bad = [
+        json.dumps({"content": 1, "channel": 5}).encode(),
+        json.dumps({"content": 1, "user": ""}).encode(),
+        b"\xff\xfe not utf-8",
+        b'{"content": "\\ud800", "channel": "private:x"}',
+    ]
+    redis_sync.lpush(q, "before", *bad, "after")
+    assert [f["content"] for f in await client.messages(2)] == ["before", "after"]
+    assert redis_sync.lrange(f"{q}:dead", 0, -1)[::-1] == bad
+    assert node.stats.dead_letters == 4
+    assert client.pending() == 0
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_publish_is_queued_and_acked(node):
+    """A client message is LPUSHed as an envelope, acked, and reaches everyone on its channel in order."""
+    sender = await connect(node.port, "channels=chat")
+    other = await connect(node.port, "channels=chat")
+    for i in range(5):
+        sender.send({"type": "message", "content": {"i": i}, "channel": "chat", "id": i})
+    frames = [await sender.next() for _ in range(10)]  # its 5 acks and its own 5 messages
+    assert [f for f in frames if f["type"] == "ack"] == [{"type": "ack", "id": i} for i in range(5)]
+    assert [f["content"]["i"] for f in frames if f["type"] == "message"] == list(range(5))
+    got = await other.messages(5)
+    assert [m["content"]["i"] for m in got] == list(range(5)) and {m["channel"] for m in got} == {"chat"}
+    await sender.close()
+    await other.close()

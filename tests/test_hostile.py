@@ -1,0 +1,618 @@
+"""
+Hostile and broken clients against an in-process node, a real redis-server
+and real loopback sockets: malformed frames, fragmentation, garbage on the
+port, stalled handshakes, floods, connection limits and slow readers. Every
+load loop is bounded in count and in time.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import socket
+import struct
+import time
+from typing import Any
+
+import pytest_twisted
+from helpers import Refused, connect, timed
+from twisted.internet import reactor, task, threads
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+
+KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
+
+
+def upgrade_request(port: int, path: str = "/") -> bytes:
+    return (
+        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {KEY.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ).encode()
+
+
+def ws_frame(payload: bytes, opcode: int = 1, fin: bool = True, mask: bytes = b"\x37\xfa\x21\x3d") -> bytes:
+    """One masked client frame."""
+    n = len(payload)
+    first = (0x80 if fin else 0) | opcode
+    if n < 126:
+        head = bytes([first, 0x80 | n])
+    elif n < 65536:
+        head = bytes([first, 0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head = bytes([first, 0x80 | 127]) + struct.pack("!Q", n)
+    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+
+
+def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Complete server frames (opcode, payload) at the start of C{buf}, removed from it."""
+    out = []
+    while len(buf) >= 2:
+        n, i = buf[1] & 0x7F, 2
+        if n == 126:
+            if len(buf) < 4:
+                break
+            n, i = struct.unpack("!H", buf[2:4])[0], 4
+        elif n == 127:
+            if len(buf) < 10:
+                break
+            n, i = struct.unpack("!Q", buf[2:10])[0], 10
+        if buf[1] & 0x80:
+            i += 4
+        if len(buf) < i + n:
+            break
+        out.append((buf[0] & 0x0F, bytes(buf[i:i + n])))
+        del buf[:i + n]
+    return out
+
+
+async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> float:
+    """Poll C{predicate} every 20 ms; return the seconds it took, fail after C{timeout}."""
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not true after {timeout}s")
+        await task.deferLater(reactor, 0.02, lambda: None)
+    return time.monotonic() - start
+
+
+class Raw(Protocol):
+    """A raw TCP client: records what arrives; parses WebSocket frames once upgraded."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.head: bytes | None = None
+        self.frames: list[tuple[int, bytes]] = []
+        self.lost = False
+
+    def dataReceived(self, data: bytes) -> None:
+        self.buf += data
+        if self.head is None and b"\r\n\r\n" in self.buf:
+            head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
+            self.head, self.buf = head, bytearray(rest)
+        if self.head is not None and self.status == 101:
+            self.frames += take_frames(self.buf)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.lost = True
+
+    @property
+    def status(self) -> int | None:
+        return int(self.head.split(b" ", 2)[1]) if self.head else None
+
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def json_frames(self) -> list[dict[str, Any]]:
+        return [json.loads(p) for op, p in self.frames if op == 1]
+
+    def close_code(self) -> int | None:
+        for op, p in self.frames:
+            if op == 8:
+                return struct.unpack("!H", p[:2])[0] if len(p) >= 2 else 1005
+        return None
+
+    def abort(self) -> None:
+        if not self.lost:
+            self.transport.abortConnection()
+
+
+async def raw(port: int) -> Raw:
+    return await timed(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Raw()), 10)
+
+
+async def raw_ws(port: int) -> Raw:
+    """A raw client that completed the WebSocket handshake."""
+    r = await raw(port)
+    r.send(upgrade_request(port))
+    await until(lambda: r.head is not None or r.lost, what="handshake response")
+    assert r.status == 101, r.head
+    return r
+
+
+async def clean(node: Any, timeout: float = 10.0) -> None:
+    """No peers and no channel or user index entries are left once every client is gone."""
+    hub = node.hub
+    await until(lambda: not hub.peers, timeout, what=f"hub.peers empty (left: {len(hub.peers)})")
+    assert hub._by_channel == {}
+    assert hub._by_user == {}
+    assert hub._floors == {}
+    assert node.stats.connections == 0
+
+
+async def assert_serving(node: Any, redis_sync: Any, client: Any, marker: str) -> None:
+    """A pushed broadcast still reaches C{client}."""
+    redis_sync.lpush(node.config.queue, marker)
+    frame = await client.next_of("message")
+    assert frame["content"] == marker
+
+
+# -- bad input over a real WebSocket ---------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_bad_input_gets_its_error_and_the_connection_lives(make_node, queue, redis_sync):
+    """Each malformed frame gets its error (with the request id where it had one); a subscribe works after."""
+    node = await make_node(queue, max_message_size=1024, max_frame_size=4096)
+    client = await connect(node.port)
+    cases: list[tuple[bytes | str, str, Any]] = [
+        ("not json", "bad_request", None),
+        ('{"type":"subscribe","channel":"a",}', "bad_request", None),
+        ("[1,2,3]", "bad_request", None),
+        ('{"type":"message","content":NaN,"id":1}', "bad_request", None),
+        ('{"type":"nope","id":"u1"}', "bad_request", "u1"),
+        ('{"id":"m1","channel":"a"}', "bad_request", "m1"),
+        ('{"type":"subscribe","channel":5,"id":2}', "bad_request", 2),
+        ('{"type":"subscribe","channel":"","id":3}', "bad_request", 3),
+        ('{"type":"subscribe","channel":"' + "x" * 256 + '","id":4}', "bad_request", 4),
+        ('{"type":"subscribe","channel":"a","since":"yesterday","id":5}', "bad_request", 5),
+        ('{"type":"unsubscribe","channel":["a"],"id":6}', "bad_request", 6),
+        ('{"type":"message","channel":{},"content":1,"id":7}', "bad_request", 7),
+        ('{"type":"message","channel":"a","id":8}', "bad_request", 8),
+        ('{"type":"subscribe","channel":"a","id":true}', "bad_request", None),
+        ('{"type":"subscribe","channel":"a","id":1.5}', "bad_request", None),
+        ('{"type":"subscribe","channel":"a","id":{"x":1}}', "bad_request", None),
+        ('{"type":"message","content":"' + "y" * 2000 + '","id":"big"}', "too_large", "big"),
+    ]
+    for payload, code, rid in cases:
+        data = payload.encode() if isinstance(payload, str) else payload
+        client.sendMessage(data)
+        frame = await client.next_of("error")
+        assert frame["code"] == code, (payload[:60], frame)
+        assert frame.get("id") == rid, (payload[:60], frame)
+        assert isinstance(frame["message"], str) and frame["message"]
+    client.sendMessage(b'{"type":"subscribe","channel":"a","id":9}', isBinary=True)
+    frame = await client.next_of("error")
+    assert frame["code"] == "bad_request"
+    # nothing was published, nothing else was sent, and the connection still works
+    assert redis_sync.llen(queue) == 0
+    assert client.pending() == 0
+    reply = await client.request({"type": "subscribe", "channel": "a", "id": "ok"})
+    assert reply == {"type": "subscribed", "channel": "a", "id": "ok"}
+    redis_sync.lpush(queue, json.dumps({"content": "after", "channel": "a"}))
+    assert (await client.next_of("message"))["content"] == "after"
+    assert node.stats.errors["bad_request"] == 17 and node.stats.errors["too_large"] == 1
+    await client.close()
+    await clean(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_past_the_frame_hard_limit_closes_1009(make_node, queue, redis_sync):
+    """A message over max_frame_size (whole or fragmented) closes that connection with 1009; others live on."""
+    node = await make_node(queue, max_message_size=1024, max_frame_size=4096)
+    other = await connect(node.port)
+    big = json.dumps({"type": "message", "content": "z" * 5000, "id": 1}).encode()
+    for fragment in (None, 1000):
+        client = await connect(node.port)
+        client.sendMessage(big, fragmentSize=fragment)
+        code, reason = await timed(client.closed, 10)
+        assert code == 1009, (fragment, code, reason)
+    # a raw client gets the close frame itself
+    r = await raw_ws(node.port)
+    r.send(ws_frame(big))
+    await until(lambda: r.lost, what="server closes the raw connection")
+    assert r.close_code() == 1009
+    await assert_serving(node, redis_sync, other, "still here")
+    assert redis_sync.llen(queue) == 0
+    await other.close()
+    await clean(node)
+
+
+# -- fragmentation and UTF-8 -----------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_fragmented_messages_are_reassembled(node, redis_sync):
+    """A message split over continuation frames (Autobahn or raw, with a ping between) is one request."""
+    client = await connect(node.port)
+    client.sendMessage(json.dumps({"type": "subscribe", "channel": "frag", "id": "f1"}).encode(), fragmentSize=3)
+    assert await client.next() == {"type": "subscribed", "channel": "frag", "id": "f1"}
+
+    r = await raw_ws(node.port)
+    payload = json.dumps({"type": "subscribe", "channel": "frägment", "id": "f2"}, ensure_ascii=False).encode()
+    cut = payload.index("ä".encode()) + 1  # split inside the two-byte character
+    r.send(ws_frame(payload[:5], opcode=1, fin=False))
+    r.send(ws_frame(b"hi", opcode=9))  # a ping between fragments is allowed
+    r.send(ws_frame(payload[5:cut], opcode=0, fin=False))
+    r.send(ws_frame(payload[cut:], opcode=0, fin=True))
+    await until(lambda: r.json_frames(), what="reply to the fragmented subscribe")
+    assert (10, b"hi") in r.frames  # the pong
+    assert r.json_frames() == [{"type": "subscribed", "channel": "frägment", "id": "f2"}]
+    redis_sync.lpush(node.config.queue, json.dumps({"content": 1, "channel": "frägment"}))
+    await until(lambda: len(r.json_frames()) == 2, what="message on the fragmented channel")
+    assert r.json_frames()[1]["content"] == 1
+    r.abort()
+    await client.close()
+    await clean(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_invalid_utf8_closes_1007_and_others_live(node, redis_sync):
+    """Invalid UTF-8 in a text frame (whole or in a fragment) closes that connection with 1007 only."""
+    other = await connect(node.port, "channels=u")
+    for frames in (
+        [ws_frame(b'{"type":"message","content":"\xff\xfe"}')],
+        [ws_frame(b'{"type":"subscribe","channel":"\xc3', fin=False), ws_frame(b'(x"}', opcode=0)],
+        [ws_frame(b'{"type":"subscribe","channel":"\xed\xa0\x80"}')],  # an encoded surrogate
+    ):
+        r = await raw_ws(node.port)
+        for f in frames:
+            r.send(f)
+        await until(lambda r=r: r.lost, what="server closes the connection")
+        assert r.close_code() == 1007, r.frames
+        assert r.json_frames() == []
+    await assert_serving(node, redis_sync, other, "utf8 ok")
+    assert redis_sync.llen(node.config.queue) == 0
+    await other.close()
+    await clean(node)
+
+
+# -- garbage and stalled handshakes ------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_garbage_bytes_on_the_port(node, redis_sync):
+    """Random bytes on the port are answered or closed quickly; a normal client keeps receiving."""
+    client = await connect(node.port)
+    rng = random.Random(1234)
+    junk = [await raw(node.port) for _ in range(5)]
+    for i, r in enumerate(junk):
+        if i == 0:
+            r.send(rng.randbytes(64 * 1024))  # no request line fits the line limit
+        elif i == 1:
+            r.send(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + rng.randbytes(500))  # a TLS hello
+        elif i == 2:
+            r.send(b"GET / HTTP/1.1\r\n" + rng.randbytes(2000).replace(b"\n", b"") + b"\r\n\r\n")
+        elif i == 3:
+            r.send(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")  # no key
+        else:
+            r.send(upgrade_request(node.port).replace(b"13", b"99"))  # unsupported version
+    await assert_serving(node, redis_sync, client, "through the junk")
+    for r in junk:
+        r.send(b"\r\n\r\n")
+    await until(lambda: all(r.lost for r in junk), 10, what="every junk connection closed by the server")
+    for r in junk[3:]:
+        assert r.status is not None and 400 <= r.status < 500, r.head
+    await assert_serving(node, redis_sync, client, "after the junk")
+    await client.close()
+    await clean(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_stalled_handshake_is_closed_and_does_not_block(make_node, queue, redis_sync):
+    """A half-sent HTTP upgrade does not block other clients and is closed at the Site's idle timeout."""
+    node = await make_node(queue, handshake_timeout=1)
+    site = node.running.ports[0].factory
+    # the HTTP idle timeout is what bounds a half-sent request (Autobahn's handshake timer starts after it)
+    assert site.timeOut is not None and 1 <= site.timeOut <= 60, site.timeOut
+    site.timeOut = 2  # the same mechanism, shortened so the test stays quick
+    client = await connect(node.port)
+    stalled = [await raw(node.port) for _ in range(3)]
+    stalled[0].send(upgrade_request(node.port)[:40])
+    stalled[1].send(b"GE")
+    # [2] sends nothing at all
+    await assert_serving(node, redis_sync, client, "while stalled")
+    late = await connect(node.port)  # new handshakes are served meanwhile
+    elapsed = await until(lambda: all(r.lost for r in stalled), 15, what="stalled sockets closed by the server")
+    assert elapsed < 10
+    await assert_serving(node, redis_sync, late, "after the stall")
+    for c in (client, late):
+        await c.close()
+    await clean(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_then_silent_is_closed_by_autoping(make_node, queue):
+    """A client that completes the handshake and then never answers pings is dropped within interval+timeout."""
+    node = await make_node(queue, ping_interval=0.5, ping_timeout=0.5)
+    r = await raw_ws(node.port)
+    await until(lambda: any(op == 9 for op, _ in r.frames), 5, what="server ping")
+    await until(lambda: r.lost, 8, what="server drops a client that never pongs")
+    await clean(node)
+
+
+# -- floods ----------------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_subscribe_flood(make_node, queue, redis_sync):
+    """1000 fast subscribes: rate_limited past the burst, never over max_subscriptions; others unaffected."""
+    node = await make_node(queue, max_subscriptions=10, client_burst=50, client_rate=5.0)
+    bystander = await connect(node.port, "channels=c0")
+    flooder = await connect(node.port)
+    proto = next(p for p in node.running.factory.connections() if p.channels == set())
+    sizes = [0]
+    subscribe = node.hub.subscribe
+
+    def counting(peer: Any, channel: str) -> None:
+        subscribe(peer, channel)
+        sizes.append(len(peer.channels))
+
+    node.hub.subscribe = counting
+    started = time.monotonic()
+    for i in range(1000):
+        flooder.send({"type": "subscribe", "channel": f"c{i}", "id": i})
+    replies = [await flooder.next(15) for _ in range(1000)]
+    took = time.monotonic() - started
+    kinds: dict[str, int] = {}
+    for f in replies:
+        key = f["type"] if f["type"] != "error" else f["code"]
+        kinds[key] = kinds.get(key, 0) + 1
+    assert kinds["subscribed"] == 10, kinds
+    assert max(sizes) <= 10 and len(proto.channels) == 10
+    assert [f["id"] for f in replies if f["type"] == "subscribed"] == list(range(10))
+    allowed = 50 + int(took * 5.0) + 1
+    assert kinds["subscribed"] + kinds.get("bad_request", 0) <= allowed, (kinds, took)
+    assert kinds["rate_limited"] >= 1000 - allowed, kinds
+    assert set(kinds) <= {"subscribed", "bad_request", "rate_limited"}, kinds
+    assert node.hub.subscribers("c0") == 2 and sum(len(s) for s in node.hub._by_channel.values()) == 11
+    # the bystander has its own budget and still gets its channel
+    redis_sync.lpush(queue, json.dumps({"content": "c0 news", "channel": "c0"}))
+    assert (await bystander.next_of("message"))["content"] == "c0 news"
+    assert (await flooder.next_of("message"))["content"] == "c0 news"
+    assert (await bystander.request({"type": "subscribe", "channel": "b", "id": 1}))["type"] == "subscribed"
+    await flooder.close()
+    await until(lambda: node.hub.subscribers("c0") == 1, what="flooder's subscriptions released")
+    assert set(node.hub._by_channel) == {"c0", "b"}
+    await bystander.close()
+    await clean(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_publish_rate_limit(make_node, queue):
+    """Past client_burst publishes get rate_limited; the rest are acked, delivered once, and the budget refills."""
+    node = await make_node(queue, client_rate=5.0, client_burst=5)
+    listener = await connect(node.port)
+    client = await connect(node.port)
+    for i in range(20):
+        client.send({"type": "message", "content": f"p{i}", "id": i})
+    frames = [await client.next() for _ in range(25)]  # 20 replies + the 5 accepted broadcasts
+    acks = [f["id"] for f in frames if f["type"] == "ack"]
+    limited = [f for f in frames if f["type"] == "error"]
+    delivered = [f["content"] for f in frames if f["type"] == "message"]
+    assert sorted(acks) == [0, 1, 2, 3, 4], frames
+    assert len(limited) == 15 and {f["code"] for f in limited} == {"rate_limited"}
+    assert delivered == [f"p{i}" for i in range(5)]
+    assert [f["content"] for f in await listener.messages(5)] == delivered
+    assert client.pending() == 0 and listener.pending() == 0
+    await task.deferLater(reactor, 0.5, lambda: None)  # 5/s refills about two tokens
+    assert (await client.request({"type": "message", "content": "again", "id": "a"})) == {"type": "ack", "id": "a"}
+    assert (await listener.next_of("message"))["content"] == "again"
+    assert node.stats.errors["rate_limited"] == 15
+    for c in (client, listener):
+        await c.close()
+    await clean(node)
+
+
+# -- connection limit ------------------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_max_connections_answers_503(make_node, queue):
+    """With max_connections=3 the 4th handshake gets HTTP 503; a slot freed is usable again."""
+    node = await make_node(queue, max_connections=3)
+    clients = [await connect(node.port) for _ in range(3)]
+    try:
+        extra = await connect(node.port)
+    except Refused as e:
+        assert "503" in e.reason, e.reason
+    else:
+        await extra.close()
+        raise AssertionError("a 4th connection was accepted")
+    r = await raw(node.port)
+    r.send(upgrade_request(node.port))
+    await until(lambda: r.head is not None, what="HTTP answer")
+    assert r.status == 503, r.head
+    await until(lambda: r.lost, what="refused connection closed")
+    await clients.pop().close()
+    # refused handshakes did not leak a slot: exactly one is free again
+    again = await connect(node.port)
+    try:
+        extra = await connect(node.port)
+    except Refused as e:
+        assert "503" in e.reason
+    else:
+        await extra.close()
+        raise AssertionError("a 4th connection was accepted after a reconnect")
+    for c in [*clients, again]:
+        await c.close()
+    await clean(node)
+    assert node.running.factory.countConnections == 0
+
+
+# -- slow consumers --------------------------------------------------------------
+
+
+def _slow_connect(port: int) -> socket.socket:
+    """A blocking socket with a tiny receive buffer that completes the handshake, then never reads."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(10)
+    s.connect(("127.0.0.1", port))
+    s.sendall(upgrade_request(port))
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return s
+
+
+def _closed_by_peer(s: socket.socket, seconds: float = 10.0) -> bool:
+    """Drain C{s}; True if the server closed (EOF or reset) within C{seconds}."""
+    s.settimeout(seconds)
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:
+            if not s.recv(1 << 20):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        s.close()
+    return False
+
+
+def _buffered(transport: Any) -> int:
+    """Bytes a Twisted TCP transport holds in user space, waiting for the socket."""
+    return len(transport.dataBuffer) - transport.offset + transport._tempDataLen
+
+
+@pytest_twisted.ensureDeferred
+async def test_slow_client_is_dropped_and_memory_bounded(make_node, queue, redis_sync):
+    """A client that never reads is dropped past slow_client_bytes; a reader gets all, in order; buffers stay bounded."""
+    limit, size, batch, total = 64 * 1024, 8 * 1024, 8, 300
+    node = await make_node(queue, slow_client_bytes=limit, batch=batch)
+    reader = await connect(node.port)
+    sock = await threads.deferToThread(_slow_connect, node.port)
+    local = sock.getsockname()[1]
+    await until(lambda: any(p.transport.getPeer().port == local for p in node.running.factory.connections()),
+                what="slow client registered")
+    slow = next(p for p in node.running.factory.connections() if p.transport.getPeer().port == local)
+    # loopback autotunes a send buffer up to tcp_wmem's max (4 MiB): pin the kernel's share to 64 KiB
+    # so that a bounded push fills it and the node's own buffering is what gets tested
+    slow.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    peak = {"slow": 0, "reader": 0}
+    deliver = node.hub.deliver
+    fast = next(p for p in node.running.factory.connections() if p is not slow)
+
+    def measuring(messages: list[Any]) -> None:
+        deliver(messages)
+        if slow.transport is not None and slow in node.hub.peers:
+            peak["slow"] = max(peak["slow"], _buffered(slow.transport))
+        peak["reader"] = max(peak["reader"], _buffered(fast.transport))
+
+    node.hub.deliver = measuring
+    filler = "x" * (size - 20)
+    got: list[dict[str, Any]] = []
+    started = time.monotonic()
+    for start in range(0, total, batch):
+        redis_sync.lpush(queue, *[f"{i:05d}{filler}" for i in range(start, min(total, start + batch))])
+        got += await reader.messages(min(total, start + batch) - start, 15)
+        assert time.monotonic() - started < 60
+    assert [f["content"][:5] for f in got] == [f"{i:05d}" for i in range(total)]
+    await until(lambda: slow not in node.hub.peers, 10, what="slow client dropped")
+    assert node.stats.slow_disconnects == 1
+    assert node.stats.connections == 1  # the reader is still connected
+    frame_size = size + 64
+    print("peak buffered", peak)
+    assert peak["slow"] <= limit + 64 * 1024 + batch * frame_size, peak
+    assert await threads.deferToThread(_closed_by_peer, sock), "the server never closed the slow socket"
+    await assert_serving(node, redis_sync, reader, "after the slow one")
+    await reader.close()
+    await clean(node)
+
+
+# -- edge-case content and leaks ---------------------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_edge_case_content_round_trips(node, redis_sync):
+    """Deeply nested, huge-number, escaped-surrogate and odd content published by a client arrives as sent."""
+    listener = await connect(node.port)
+    client = await connect(node.port)
+    contents: list[Any] = [
+        {"deep": json.loads("[" * 400 + "]" * 400)},
+        10**300,
+        -(2**63),
+        "\u0000\u2028\u2029\ufeff",
+        {"": {"content": {"channel": None}}},
+        "\U0001f600" * 100,
+    ]
+    depth = 200
+    while depth < 1000:
+        contents.append(json.loads("[" * depth + "]" * depth))
+        depth += 100
+    for i, content in enumerate(contents):
+        client.send({"type": "message", "content": content, "id": i})
+    replies: dict[int, dict[str, Any]] = {}
+    got: dict[Any, list[Any]] = {listener: [], client: []}
+    while len(replies) < len(contents):
+        frame = await client.next()
+        if frame["type"] == "message":
+            got[client].append(frame["content"])
+        else:
+            replies[frame["id"]] = frame
+    accepted = []
+    for i, content in enumerate(contents):
+        if replies[i]["type"] == "ack":
+            accepted.append(content)
+        else:  # only too deep for the parser is refused, and says so
+            assert replies[i]["code"] == "bad_request" and isinstance(content, list), (i, replies[i])
+    assert len(accepted) >= 8, replies
+    redis_sync.lpush(node.config.queue, "sentinel")
+    for c in (listener, client):
+        while True:
+            frame = await c.next_of("message")
+            if frame["content"] == "sentinel":
+                break
+            got[c].append(frame["content"])
+        assert got[c] == accepted
+    assert redis_sync.llen(node.config.dead_key) == 0
+    # a lone surrogate (which Redis's cjson cannot decode) is refused, not relayed as a raw broadcast
+    for i, raw_frame in enumerate((b'{"type":"message","content":"a\\ud800b","id":1}',
+                                   b'{"type":"message","content":"x","channel":"\\udc00","id":2}')):
+        client.sendMessage(raw_frame)
+        assert (await client.next_of("error"))["id"] == i + 1
+    redis_sync.lpush(node.config.queue, "sentinel 2")
+    assert (await listener.next_of("message"))["content"] == "sentinel 2"
+    for c in (listener, client):
+        await c.close()
+    await clean(node)
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_leaks_after_churn(make_node, queue, redis_sync):
+    """Clients that subscribe then vanish (clean close, TCP abort, mid-handshake) leave no hub state behind."""
+    node = await make_node(queue, client_burst=200)
+    clients = [await connect(node.port, f"channels=q{i % 3},all") for i in range(30)]
+    for i, c in enumerate(clients):
+        for k in range(5):
+            c.send({"type": "subscribe", "channel": f"s{i}-{k}"})
+        c.send({"type": "unsubscribe", "channel": "all"})
+    for c in clients:
+        for _ in range(6):
+            await c.next()
+    assert len(node.hub.peers) == 30 and node.hub.subscribers("q0") == 10
+    half_open = [await raw(node.port) for _ in range(5)]
+    for r in half_open:
+        r.send(upgrade_request(node.port)[:30])
+    for i, c in enumerate(clients):
+        if i % 2:
+            c.transport.abortConnection()
+        else:
+            c.sendClose(1000)
+    for r in half_open:
+        r.abort()
+    await until(lambda: not node.hub.peers, 10, what="every peer removed")
+    await clean(node)
+    assert node.running.factory.countConnections == 0
+    # and the node still serves a newcomer
+    late = await connect(node.port, "channels=q0")
+    redis_sync.lpush(queue, json.dumps({"content": "fresh", "channel": "q0"}))
+    assert (await late.next_of("message"))["content"] == "fresh"
+    await late.close()
+    await clean(node)
