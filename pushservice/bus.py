@@ -63,6 +63,15 @@ def _connect(reactor: Any, address: RedisAddress, poolsize: int, timeout: float)
     """A lazy, self-reconnecting txredisapi factory speaking bytes."""
     import txredisapi
 
+    if address.sentinels:
+        # asks the sentinels for the master before every (re)connection, so a failover is followed
+        sentinel = txredisapi.Sentinel(list(address.sentinels))
+        handler = sentinel.master_for(
+            address.service, factory_class=_sentinel_factory_class(), dbid=address.db, poolsize=poolsize, isLazy=True, charset=None,
+            password=address.password, username=address.username, convertNumbers=False,
+        )
+        handler._factory.maxDelay = 5
+        return _SentinelFactory(handler._factory, sentinel)
     factory = txredisapi.RedisFactory(
         address.describe(), address.db, poolsize, isLazy=True,
         charset=None, password=address.password, username=address.username,
@@ -71,6 +80,40 @@ def _connect(reactor: Any, address: RedisAddress, poolsize: int, timeout: float)
     factory.maxDelay = 5  # resume within seconds once Redis is back
     factory.startConnecting(_endpoint(reactor, address, timeout))
     return factory
+
+
+def _sentinel_factory_class() -> Any:
+    """txredisapi's sentinel factory, whose role check also works with bytes replies (charset=None)."""
+    import txredisapi
+
+    class Protocol(txredisapi.SentinelRedisProtocol):  # type: ignore[misc]
+        def connectionMade(self) -> Any:
+            def check_role(role: list[Any]) -> Any:
+                if self.factory.is_master and role[0] not in (b"master", "master"):
+                    self.transport.loseConnection()  # not the master (any more): ask the sentinels again
+                    return defer.succeed(None)
+                return txredisapi.RedisProtocol.connectionMade(self)
+
+            if self.password is not None:
+                self.auth(self.password, self.username)
+            return self.role().addCallback(check_role)
+
+    class Factory(txredisapi.SentinelConnectionFactory):  # type: ignore[misc]
+        protocol = Protocol
+
+    return Factory
+
+
+class _SentinelFactory:
+    """A master's connection factory with the sentinel connections it needs; disconnect() closes both."""
+
+    def __init__(self, factory: Any, sentinel: Any) -> None:
+        self._factory = factory
+        self._sentinel = sentinel
+        self.handler = factory.handler
+
+    def disconnect(self) -> defer.Deferred[Any]:
+        return defer.DeferredList([self._factory.disconnect(), self._sentinel.disconnect()], consumeErrors=True)
 
 
 def _is_connection_error(failure: Any) -> bool:

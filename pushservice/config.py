@@ -20,9 +20,15 @@ class RedisAddress:
     unix_path: str | None = None
     tls: bool = False
     tls_ca_file: str | None = None
+    #: Sentinel addresses and the monitored master's name (redis+sentinel://).
+    sentinels: tuple[tuple[str, int], ...] = ()
+    service: str | None = None
 
     def describe(self) -> str:
         """A printable form with the password left out."""
+        if self.sentinels:
+            hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
+            return f"redis+sentinel://{hosts}/{self.service}/{self.db}"
         if self.unix_path:
             return f"unix://{self.unix_path}?db={self.db}"
         scheme = "rediss" if self.tls else "redis"
@@ -32,7 +38,8 @@ class RedisAddress:
 def parse_redis_url(url: str) -> RedisAddress:
     """
     Parse ``redis://[user:pass@]host[:port][/db]``, ``rediss://...`` (TLS; the
-    query ``ca=/path/ca.pem`` names a private CA) or ``unix:///path.sock[?db=N]``.
+    query ``ca=/path/ca.pem`` names a private CA), ``unix:///path.sock[?db=N]``
+    or ``redis+sentinel://[user:pass@]host:port[,host:port...]/master[/db]``.
 
     @raise ValueError: with a message that says what is wrong.
     """
@@ -51,6 +58,8 @@ def parse_redis_url(url: str) -> RedisAddress:
             username=unquote(parts.username) if parts.username else None,
             password=unquote(parts.password) if parts.password else None,
         )
+    if parts.scheme == "redis+sentinel":
+        return _parse_sentinel_url(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(
             f"unsupported Redis URL {url!r}: use redis://host:port/db, "
@@ -73,6 +82,29 @@ def parse_redis_url(url: str) -> RedisAddress:
         password=unquote(parts.password) if parts.password else None,
         tls=parts.scheme == "rediss",
         tls_ca_file=query.get("ca"),
+    )
+
+
+def _parse_sentinel_url(url: str) -> RedisAddress:
+    rest = url.split("://", 1)[1]
+    credentials, _, rest = rest.rpartition("@")
+    hosts, _, path = rest.partition("/")
+    names = [p for p in path.split("/") if p]
+    if not names:
+        raise ValueError(f"name the master in {url!r}: redis+sentinel://host:26379/mymaster/0")
+    if len(names) > 2 or (len(names) == 2 and not names[1].isdigit()):
+        raise ValueError(f"expected /master[/db] after the sentinels in {url!r}")
+    sentinels = []
+    for host in hosts.split(","):
+        name, _, port = host.rpartition(":") if ":" in host else (host, "", "26379")
+        if not name or not port.isdigit():
+            raise ValueError(f"bad sentinel address {host!r} in {url!r}: use host:port")
+        sentinels.append((name, int(port)))
+    user, _, password = credentials.partition(":")
+    return RedisAddress(
+        host=sentinels[0][0], port=sentinels[0][1], db=int(names[1]) if len(names) == 2 else 0,
+        username=unquote(user) or None, password=unquote(password) or None,
+        sentinels=tuple(sentinels), service=names[0],
     )
 
 

@@ -60,7 +60,8 @@ def _list(text: str) -> tuple[str, ...]:
 _PARAMETERS: list[tuple[str, str | None, Callable[[str], Any], str]] = [
     ("redis", None, parse_redis_url,
      "Redis URL: redis://[user:pass@]host:port/db, rediss://host:port/db[?ca=ca.pem] "
-     "(TLS, certificate checked) or unix:///path.sock?db=N. Unset: use 127.0.0.1:6379, "
+     "(TLS, certificate checked), unix:///path.sock?db=N or "
+     "redis+sentinel://host:26379[,host:port...]/master/db (follows failovers). Unset: use 127.0.0.1:6379, "
      "starting a private redis-server there if none answers."),
     ("queue", "messages", str, "Redis list producers LPUSH onto."),
     ("max-message-size", "64k", _size, "Largest client message; bigger ones get a too_large error."),

@@ -25,9 +25,8 @@ class Node:
     """A PushService started in this process, on a free port."""
 
     def __init__(self, redis_url: str, queue: str, **overrides: Any) -> None:
-        self.config = Config(
-            listen=("tcp:0:interface=127.0.0.1",), redis=parse_redis_url(redis_url), queue=queue, **overrides
-        )
+        overrides.setdefault("redis", parse_redis_url(redis_url))
+        self.config = Config(listen=("tcp:0:interface=127.0.0.1",), queue=queue, **overrides)
         self.service = PushService(self.config)
 
     async def start(self) -> None:
