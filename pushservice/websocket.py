@@ -9,6 +9,7 @@ Close codes the server uses: 1001 shutdown, 1009 frame over --max-frame-size,
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from types import FunctionType
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -372,7 +373,13 @@ class PushFactory(WebSocketServerFactory):
         # Autobahn copies ~40 options from the factory onto every connection
         # (and pretty-prints them for a debug line): a third of a handshake's
         # CPU and a per-connection dict. Give them to a class made once instead.
-        options = {name: getattr(self, name) for name in PushProtocol.CONFIG_ATTRS}
+        # staticmethod: a function option (perMessageCompressionAccept) set on a class would
+        # become a method and get the protocol as an extra argument (a browser's handshake hangs)
+        options = {
+            name: staticmethod(value) if isinstance(value, FunctionType) else value
+            for name in PushProtocol.CONFIG_ATTRS
+            for value in (getattr(self, name),)
+        }
         self.protocol = type("PushProtocol", (PushProtocol,), {**options, "CONFIG_ATTRS": ()})  # type: ignore[assignment]
 
     def origin_allowed(self, origin: str) -> bool:
