@@ -124,7 +124,7 @@ class PushProtocol(WebSocketServerProtocol):
         # the handshake's request and response stay on the protocol for its life: ~1 KB each
         for name in _HANDSHAKE_LEFTOVERS:
             setattr(self, name, None)
-        f.hub.add(self)
+        f.open_protocols.add(self)
         if self._grant is not None:
             self._authenticated(self._grant)
         elif f.config.require_token:
@@ -133,9 +133,10 @@ class PushProtocol(WebSocketServerProtocol):
             self._start()
 
     def _start(self) -> None:
-        """Subscribe the connect query's channels and replay from its ``since``, once the hub is ready."""
+        """Join the hub (authenticated, or no token needed), subscribe the query's channels, replay its ``since``."""
         self._started = True
         channels, since = self._query
+        self.factory.hub.add(self)
 
         def start(_: object) -> None:
             if self.state != _OPEN:
@@ -332,6 +333,7 @@ class PushProtocol(WebSocketServerProtocol):
         if self._opened:
             self._opened = False
             self.factory.stats.connections -= 1
+            self.factory.open_protocols.discard(self)
             self.factory.hub.remove(self)
 
     def close_for_shutdown(self) -> None:
@@ -352,6 +354,7 @@ class PushFactory(WebSocketServerFactory):
         self.bus = bus
         self.stats = stats
         self.policy = Policy(config.client_publish)
+        self.open_protocols: set[PushProtocol] = set()
         self._verifier = TokenVerifier.from_file(config.token_secret_file) if config.token_secret_file else None
         self._origins = tuple(normalize_origin(o) for o in config.allowed_origins)
         # setProtocolOptions resets allowNullOrigin each call: one call, everything spelled out
@@ -392,4 +395,5 @@ class PushFactory(WebSocketServerFactory):
         return self._verifier.verify(token)
 
     def connections(self) -> list[PushProtocol]:
-        return [p for p in self.hub.peers if isinstance(p, PushProtocol)]
+        """Every open connection, authenticated or not."""
+        return list(self.open_protocols)

@@ -137,9 +137,12 @@ async def test_private_channels_need_a_grant(make_node, queue, secret_file, redi
 async def test_required_token_via_auth_frame(make_node, queue, secret_file, redis_sync):
     """With --require-token, frames before auth are forbidden; an auth frame unlocks; no auth closes 4001."""
     node = await make_node(queue, token_secret_file=secret_file, require_token=True, auth_timeout=1.0)
+    watcher = await connect(node.port, f"token={token(sub='w')}")
     client = await connect(node.port, "channels=news")
+    redis_sync.lpush(queue, "not for strangers")
+    assert (await watcher.next_of("message"))["content"] == "not for strangers"
     reply = await client.request({"type": "subscribe", "channel": "x", "id": 1})
-    assert reply["code"] == "forbidden" and reply["id"] == 1
+    assert reply["code"] == "forbidden" and reply["id"] == 1, "no broadcast before auth"
     reply = await client.request({"type": "auth", "token": "bad", "id": 2})
     assert reply["code"] == "forbidden" and reply["id"] == 2
     assert (await client.request({"type": "auth", "token": token(), "id": 3})) == {"type": "ack", "id": 3}
@@ -149,6 +152,7 @@ async def test_required_token_via_auth_frame(make_node, queue, secret_file, redi
     code, _ = await silent.closed
     assert code == 4001
     await client.close()
+    await watcher.close()
 
 
 @pytest_twisted.ensureDeferred
