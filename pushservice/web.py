@@ -11,7 +11,7 @@ from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
 from twisted.internet import defer
-from twisted.web import pages, resource, server, static
+from twisted.web import pages, resource, server
 
 from .bus import Bus
 from .metrics import Stats, render
@@ -20,9 +20,22 @@ from .websocket import PushFactory
 __all__ = ["make_site"]
 
 
-def _static(name: str, content_type: bytes) -> resource.Resource:
-    data = resources.files("pushservice").joinpath("static").joinpath(name).read_bytes()
-    return static.Data(data, content_type.decode())
+class _Static(resource.Resource):
+    """A file of the package, read once at start."""
+
+    isLeaf = True
+
+    def __init__(self, name: str, content_type: bytes) -> None:
+        super().__init__()
+        self._data = resources.files("pushservice").joinpath("static").joinpath(name).read_bytes()
+        self._type = content_type
+
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", self._type)
+        request.setHeader(b"cache-control", b"no-cache")
+        return self._data
+
+    render_HEAD = render_GET
 
 
 class _Root(resource.Resource):
@@ -100,9 +113,9 @@ class _Site(server.Site):
 
 def make_site(factory: PushFactory, bus: Bus, stats: Stats, demo: bool, timeout: float) -> server.Site:
     """The Site serving WebSocket and HTTP on one port."""
-    page: Any = _static("demo.html", b"text/html; charset=utf-8") if demo else pages.notFound()
+    page: Any = _Static("demo.html", b"text/html; charset=utf-8") if demo else pages.notFound()
     root = _Root(WebSocketResource(factory), page)
-    root.putChild(b"pushservice.js", _static("pushservice.js", b"application/javascript; charset=utf-8"))
+    root.putChild(b"pushservice.js", _Static("pushservice.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"healthz", _Health(bus))
     root.putChild(b"metrics", _Metrics(bus, stats))
     site = _Site(root, timeout=timeout)

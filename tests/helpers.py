@@ -21,6 +21,17 @@ def timed(d: Any, seconds: float = TIMEOUT) -> Any:
         else d.addTimeout(seconds, reactor)
 
 
+async def eventually(check: Any, timeout: float = TIMEOUT) -> None:
+    """Wait until C{check()} is true, polling the reactor; fail after C{timeout} seconds."""
+    from twisted.internet.task import deferLater
+
+    for _ in range(int(timeout / 0.02)):
+        if check():
+            return
+        await deferLater(reactor, 0.02, lambda: None)
+    raise AssertionError(f"not true after {timeout}s: {check}")
+
+
 class Node:
     """A PushService started in this process, on a free port."""
 
