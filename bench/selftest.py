@@ -1,0 +1,158 @@
+"""Self-test of the load generator's delivery checker (no server needed).
+
+Feeds Client.data_received() synthetic streams (raw and pushservice-style JSON
+frames, with duplicates, gaps, reordering, warm-ups, pings, other JSON frames,
+a fragmented message) cut at random points, and compares its counts with a
+plain reference implementation. Also times the checker per message.
+
+    python bench/selftest.py
+"""
+import asyncio
+import json
+import os
+import random
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import loadgen  # noqa: E402
+from producer import WARMUP, make_item  # noqa: E402
+
+
+class FakeTransport:
+    def __init__(self):
+        self.out = []
+
+    def write(self, d):
+        self.out.append(d)
+
+    def close(self):
+        pass
+
+
+def frame(payload, op=0x1, fin=True):
+    n = len(payload)
+    b0 = (0x80 if fin else 0) | op
+    if n < 126:
+        head = bytes((b0, n))
+    elif n < 65536:
+        head = bytes((b0, 126)) + n.to_bytes(2, "big")
+    else:
+        head = bytes((b0, 127)) + n.to_bytes(8, "big")
+    return head + payload
+
+
+def wrap(item, i):
+    return json.dumps({"type": "message", "content": item.decode(), "channel": None,
+                       "offset": "%d-%d" % (1732000000000 + i, i)}).encode()
+
+
+def make_stream(seqs, as_json, rng, extras=True):
+    out = []
+    for i, s in enumerate(seqs):
+        item = make_item(s)
+        out.append(frame(wrap(item, i) if as_json else item))
+        if extras and rng.random() < 0.01:
+            out.append(rng.choice([
+                frame(b"hi", op=0x9),
+                frame(wrap(WARMUP, 0) if as_json else WARMUP),
+                frame(b'{"type":"ack","id":1}'),
+            ]))
+    return out
+
+
+def reference(seqs, count):
+    seen, maxseq, dup, ooo = set(), -1, 0, 0
+    for s in seqs:
+        if s in seen:
+            dup += 1
+            continue
+        if s < maxseq:
+            ooo += 1
+        seen.add(s)
+        maxseq = max(maxseq, s)
+    return dict(n=len(seqs), unique=len(seen), dup=dup, ooo=ooo)
+
+
+def feed(frames, rng, max_chunk):
+    loop = asyncio.new_event_loop()
+    c = loadgen.Client(b"h", b"/", loop.create_future())
+    c.hs = None
+    c.transport = FakeTransport()
+    data = b"".join(frames)
+    pos = 0
+    while pos < len(data):
+        k = rng.randint(1, max_chunk)
+        c.data_received(data[pos:pos + k])
+        pos += k
+    loop.close()
+    return c
+
+
+def check_case(name, seqs, as_json, rng, max_chunk, count):
+    loadgen.COUNT = count
+    frames = make_stream(seqs, as_json, rng)
+    c = feed(frames, rng, max_chunk)
+    want = reference(seqs, count)
+    got = dict(n=c.n, unique=c.unique(), dup=c.dup, ooo=c.ooo)
+    ok = got == want and c.bad == 0 and not c.buf
+    print("%-40s %s %s" % (name, "ok " if ok else "BAD", "" if ok else (got, want, c.bad, c.buf[:20])))
+    return ok
+
+
+def main():
+    rng = random.Random(1)
+    ok = True
+    count = 3000
+    for as_json in (False, True):
+        kind = "json" if as_json else "raw"
+        clean = list(range(count))
+        dups = list(range(count))
+        for _ in range(20):
+            j = rng.randrange(len(dups))
+            dups.insert(j + 1, dups[j])
+        gaps = [s for s in range(count) if rng.random() > 0.01]
+        swapped = list(range(count))
+        for _ in range(20):
+            j = rng.randrange(count - 1)
+            swapped[j], swapped[j + 1] = swapped[j + 1], swapped[j]
+        for max_chunk in (7, 300, 5000, 70000):
+            for label, seqs in (("clean", clean), ("dups", dups), ("gaps", gaps), ("swapped", swapped)):
+                ok &= check_case("%s %s chunk<=%d" % (kind, label, max_chunk), seqs, as_json, rng,
+                                 max_chunk, count)
+    # a fragmented message and a close frame
+    loadgen.COUNT = 10
+    item = make_item(0)
+    frames = [frame(item[:20], fin=False), frame(item[20:], op=0x0), frame(make_item(1)),
+              frame((1001).to_bytes(2, "big"), op=0x8)]
+    c = feed(frames, rng, 1000)
+    good = c.n == 2 and c.unique() == 2 and c.close_code == 1001
+    print("%-40s %s" % ("fragment + close", "ok " if good else "BAD"))
+    ok &= good
+    # speed
+    for as_json in (False, True):
+        n = 200000
+        loadgen.COUNT = n
+        frames = make_stream(range(n), as_json, rng, extras=False)
+        data = b"".join(frames)
+        for chunk in (65536, 4096, 200):
+            loop = asyncio.new_event_loop()
+            c = loadgen.Client(b"h", b"/", loop.create_future())
+            c.hs = None
+            c.transport = FakeTransport()
+            chunks = [data[i:i + chunk] for i in range(0, len(data), chunk)]
+            t = time.perf_counter()
+            for ch in chunks:
+                c.data_received(ch)
+            dt = time.perf_counter() - t
+            loop.close()
+            print("speed %-4s reads of %6d B: %.2f us/message" % (
+                "json" if as_json else "raw", chunk, dt / n * 1e6))
+    del loadgen.LAT[:]
+    loadgen.LATS.clear()
+    print("selftest", "passed" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
