@@ -230,7 +230,10 @@ class Bus:
                 self.last_id = entries[-1][0]
                 self._stats.messages_in += len(batch)
                 self._stats.last_offset_ms = batch[-1].offset[0]
-                self._hub.deliver(batch)
+                written = self._hub.deliver(batch)
+                if written is not None:
+                    # what arrives meanwhile waits in Redis and comes as one batch
+                    await written
             except Exception:
                 await self._after_error("fan-out")
 

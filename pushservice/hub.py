@@ -12,11 +12,17 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 
 from .metrics import Stats
 from .wire import Offset
 
-__all__ = ["History", "Hub", "Message", "Peer"]
+__all__ = ["History", "Hub", "Message", "Peer", "SLICE"]
+
+#: Connections written per reactor turn: a fan-out never holds the reactor
+#: longer than this many sends (~10 us each on loopback).
+SLICE = 256
 
 
 class Peer(Protocol):
@@ -84,7 +90,10 @@ class History:
 class Hub:
     """Who is connected, who listens to what, and delivery of log batches."""
 
-    def __init__(self, history: History, stats: Stats) -> None:
+    _log = Logger()
+
+    def __init__(self, history: History, stats: Stats, clock: IReactorTime) -> None:
+        self._clock = clock
         self.history = history
         self.stats = stats
         self.peers: set[Peer] = set()
@@ -180,26 +189,58 @@ class Hub:
 
     # -- delivery ----------------------------------------------------------
 
-    def deliver(self, batch: list[Message]) -> None:
+    def deliver(self, batch: list[Message]) -> Deferred[None] | None:
         """
         Send a batch of log messages, in order, with one write per connection.
         Consecutive broadcasts are joined once and shared by every connection.
+
+        Who gets what is decided now, with the history, so a replay and this
+        batch never overlap; the writes go out C{SLICE} connections per
+        reactor turn. Returns a Deferred that fires when they are all written
+        (None if that is already so): read the next batch only then, and
+        everything that arrived meanwhile comes as one batch, one write each.
         """
         history = self.history
         for message in batch:
             history.append(message)
         peers = self.peers
         if not peers:
-            return
+            return None
         if not self._floors and all(m.channel is None and m.user is None for m in batch):
             blob = batch[0].frame if len(batch) == 1 else b"".join(m.frame for m in batch)
-            for peer in peers:
-                peer.push(blob)
             self.stats.delivered(len(batch) * len(peers), len(blob) * len(peers))
-            return
-        self._deliver_mixed(batch)
+            return self._write(list(peers), blob, None)
+        return self._deliver_mixed(batch)
 
-    def _deliver_mixed(self, batch: list[Message]) -> None:
+    def _write(self, peers: list[Peer], blob: bytes | None, parts: list[bytes] | None) -> Deferred[None] | None:
+        """Push C{blob} (or C{parts[i]}) to every C{peers[i]}, a slice per reactor turn."""
+        if len(peers) <= SLICE:
+            self._write_slice(peers, blob, parts, 0, None)
+            return None
+        done: Deferred[None] = Deferred()
+        self._write_slice(peers, blob, parts, 0, done)
+        return done
+
+    def _write_slice(
+        self, peers: list[Peer], blob: bytes | None, parts: list[bytes] | None, start: int, done: Deferred[None] | None
+    ) -> None:
+        end = start + SLICE
+        try:
+            if blob is not None:
+                for peer in peers[start:end]:
+                    peer.push(blob)
+            else:
+                assert parts is not None
+                for peer, data in zip(peers[start:end], parts[start:end]):
+                    peer.push(data)
+        except Exception:
+            self._log.failure("delivery failed; going on with the next connections")
+        if end < len(peers):
+            self._clock.callLater(0, self._write_slice, peers, blob, parts, end, done)
+        elif done is not None:
+            done.callback(None)
+
+    def _deliver_mixed(self, batch: list[Message]) -> Deferred[None] | None:
         out: dict[Peer, list[bytes]] = {}
         run: list[bytes] = []
         count = 0
@@ -222,13 +263,10 @@ class Hub:
                 count += 1
         if run:
             flush_run()
-        size = 0
-        for peer, parts in out.items():
-            data = parts[0] if len(parts) == 1 else b"".join(parts)
-            size += len(data)
-            peer.push(data)
+        joined = [parts[0] if len(parts) == 1 else b"".join(parts) for parts in out.values()]
         self._lift_floors()
-        self.stats.delivered(count, size)
+        self.stats.delivered(count, sum(map(len, joined)))
+        return self._write(list(out), None, joined)
 
     def _targets(self, message: Message) -> Iterable[Peer]:
         if message.channel is not None:

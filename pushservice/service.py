@@ -64,7 +64,7 @@ class PushService(Service):
         config = self.config
         run = self._running = _Running()
         stats = Stats()
-        hub = Hub(History(config.history, config.history_bytes), stats)
+        hub = Hub(History(config.history, config.history_bytes), stats, reactor)
         run.bus = bus = Bus(reactor, config, hub, stats, framer=frame)
         run.factory = factory = PushFactory(reactor, config, hub, bus, stats)
         # the Site's idle timeout bounds a stalled HTTP request line/headers (Autobahn's own
@@ -113,10 +113,25 @@ class PushService(Service):
             return defer.succeed(None)
         from twisted.internet import reactor
 
+        # A timer of its own, not addTimeout: cancelling a coroutine only reaches the Deferred it
+        # awaits, and a DeferredList (bus.stop) whose members ignore cancel() never fires.
+        timeout = self.config.shutdown_timeout
+        done: defer.Deferred[None] = defer.Deferred()
+
+        def expired() -> None:
+            self._log.warn("shutdown took over {t}s; exiting anyway", t=timeout)
+            done.callback(None)
+
+        def finished(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+                done.callback(None)
+
+        timer = reactor.callLater(timeout, expired)
         d = defer.ensureDeferred(self._stop(run))
-        d.addTimeout(self.config.shutdown_timeout, reactor)
-        d.addErrback(lambda f: self._log.warn("shutdown took over {t}s; exiting anyway", t=self.config.shutdown_timeout))
-        return d
+        d.addErrback(lambda f: self._log.failure("shutdown failed", f))
+        d.addBoth(finished)
+        return done
 
     async def _stop(self, run: _Running) -> None:
         """Stop accepting, close clients with 1001, stop the Redis loops, then Redis."""

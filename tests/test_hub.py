@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pushservice.hub import History, Hub, Message
+from twisted.internet.task import Clock
+
+from pushservice.hub import SLICE, History, Hub, Message
 from pushservice.metrics import Stats
 
 
@@ -26,8 +28,8 @@ def msg(n: int, channel: str | None = None, user: str | None = None) -> Message:
     return Message((1000, n), channel, user, f"<{n}>".encode())
 
 
-def make_hub(count: int = 100, max_bytes: int = 10**6) -> Hub:
-    return Hub(History(count, max_bytes), Stats())
+def make_hub(count: int = 100, max_bytes: int = 10**6, clock: Clock | None = None) -> Hub:
+    return Hub(History(count, max_bytes), Stats(), clock or Clock())
 
 
 def test_broadcast_batch_is_one_write_per_peer():
@@ -108,3 +110,18 @@ def test_resume_from_a_node_ahead_skips_what_was_seen():
     hub.deliver([msg(2), msg(3), msg(4)])
     hub.deliver([msg(5)])
     assert p.received == b"<1><4><5>"
+
+
+def test_large_fan_out_is_written_a_slice_per_reactor_turn():
+    """Past SLICE connections the writes spread over reactor turns, and the returned Deferred says when all are out."""
+    clock = Clock()
+    hub = make_hub(clock=clock)
+    peers = [FakePeer() for _ in range(SLICE * 2 + 1)]
+    for p in peers:
+        hub.add(p)
+    done = hub.deliver([msg(1)])
+    assert done is not None and not done.called
+    assert sum(1 for p in peers if p.writes) == SLICE
+    assert clock.getDelayedCalls(), "the rest waits for a later reactor turn"
+    clock.advance(0)
+    assert all(p.writes == [b"<1>"] for p in peers) and done.called
