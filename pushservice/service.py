@@ -57,7 +57,7 @@ class PushService(Service):
         from .bus import Bus
         from .hub import History, Hub
         from .metrics import Stats
-        from .web import make_site
+        from .web import make_port_factory
         from .websocket import PushFactory, frame
 
         super().startService()
@@ -67,10 +67,7 @@ class PushService(Service):
         hub = Hub(History(config.history, config.history_bytes), stats, reactor)
         run.bus = bus = Bus(reactor, config, hub, stats, framer=frame)
         run.factory = factory = PushFactory(reactor, config, hub, bus, stats)
-        # the Site's idle timeout bounds a stalled HTTP request line/headers (Autobahn's own
-        # handshake timer only starts once twisted.web has handed the connection over)
-        site = make_site(factory, bus, stats, config.demo, timeout=config.handshake_timeout)
-        self._listen(reactor, site)
+        self._listen(reactor, make_port_factory(reactor, factory, bus, stats, config.demo, config.handshake_timeout))
         run.startup = defer.ensureDeferred(self._connect(reactor, run))
         run.startup.addErrback(self._startup_failed, reactor)
 

@@ -6,18 +6,20 @@ browser client at ``/pushservice.js``, ``/healthz`` and ``/metrics``.
 
 from __future__ import annotations
 
+import re
 from importlib import resources
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.internet import defer
+from twisted.internet import defer, protocol
+from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import pages, resource, server
 
 from .bus import Bus
 from .metrics import Stats, render
 from .websocket import PushFactory
 
-__all__ = ["make_site"]
+__all__ = ["make_port_factory"]
 
 
 class _Static(resource.Resource):
@@ -111,12 +113,81 @@ class _Site(server.Site):
         """No access log line per request: one line per notable event only."""
 
 
-def make_site(factory: PushFactory, bus: Bus, stats: Stats, demo: bool, timeout: float) -> server.Site:
-    """The Site serving WebSocket and HTTP on one port."""
+# "GET /" or "GET /?query" with an "Upgrade: websocket" header, in a lower-cased request head
+_WEBSOCKET_HEAD = re.compile(rb"\Aget /(?:\?\S*)? http/1\.1\r\n(?:.*\r\n)*?upgrade:[ \t]*websocket[ \t]*(?:\r\n|\Z)")
+_MAX_HEAD = 16384
+
+
+class _FirstRequest(protocol.Protocol):
+    """
+    Reads a connection's request head, then hands the connection over:
+    WebSocket upgrades of ``/`` straight to Autobahn (which parses the head
+    itself), anything else to twisted.web. Saves WebSocket handshakes
+    twisted.web's parse and Autobahn's re-parse of a replayed request, and
+    bounds the whole head, not only the gaps between its bytes, by the
+    handshake timeout.
+    """
+
+    def __init__(self, port: _PortFactory) -> None:
+        self._port = port
+        self._head = b""
+        self._deadline: Any = None
+
+    def connectionMade(self) -> None:
+        self._deadline = self._port.reactor.callLater(self._port.timeout, self.transport.abortConnection)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._head += data
+        end = self._head.find(b"\r\n\r\n")
+        if end < 0 and len(self._head) <= _MAX_HEAD:
+            return
+        self._deadline.cancel()
+        upgrade = end >= 0 and _WEBSOCKET_HEAD.match(self._head[: end + 2].lower())
+        factory = self._port.websocket if upgrade else self._port.site
+        successor = factory.buildProtocol(self.transport.getPeer())
+        transport = self.transport
+        if isinstance(transport, ProtocolWrapper):  # TLS: the wrapper feeds its wrapped protocol
+            transport.wrappedProtocol = successor
+        else:
+            transport.protocol = successor
+        successor.makeConnection(transport)
+        successor.dataReceived(self._head)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+
+
+class _PortFactory(protocol.ServerFactory):
+    """What every --listen endpoint serves: WebSocket and HTTP on one port."""
+
+    noisy = False
+
+    def __init__(self, reactor: Any, websocket: PushFactory, site: server.Site, timeout: float) -> None:
+        self.reactor = reactor
+        self.websocket = websocket
+        self.site = site
+        self.timeout = timeout
+
+    def buildProtocol(self, addr: Any) -> _FirstRequest:
+        return _FirstRequest(self)
+
+    def startFactory(self) -> None:
+        self.site.doStart()
+
+    def stopFactory(self) -> None:
+        self.site.doStop()
+
+
+def make_port_factory(
+    reactor: Any, factory: PushFactory, bus: Bus, stats: Stats, demo: bool, timeout: float
+) -> _PortFactory:
+    """The factory to listen with: WebSocket at ``/``, the demo page, the client, /healthz, /metrics."""
     page: Any = _Static("demo.html", b"text/html; charset=utf-8") if demo else pages.notFound()
     root = _Root(WebSocketResource(factory), page)
     root.putChild(b"pushservice.js", _Static("pushservice.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"healthz", _Health(bus))
     root.putChild(b"metrics", _Metrics(bus, stats))
-    site = _Site(root, timeout=timeout)
-    return site
+    # keep-alive HTTP clients (scrapers) may idle a while; the head itself is bounded above
+    site = _Site(root, timeout=60)
+    return _PortFactory(reactor, factory, site, timeout)

@@ -299,12 +299,8 @@ async def test_garbage_bytes_on_the_port(node, redis_sync):
 
 @pytest_twisted.ensureDeferred
 async def test_stalled_handshake_is_closed_and_does_not_block(make_node, queue, redis_sync):
-    """A half-sent HTTP upgrade does not block other clients and is closed at the Site's idle timeout."""
+    """A half-sent request head does not block other clients and is closed after --handshake-timeout."""
     node = await make_node(queue, handshake_timeout=1)
-    site = node.running.ports[0].factory
-    # the HTTP idle timeout is what bounds a half-sent request (Autobahn's handshake timer starts after it)
-    assert site.timeOut is not None and 1 <= site.timeOut <= 60, site.timeOut
-    site.timeOut = 2  # the same mechanism, shortened so the test stays quick
     client = await connect(node.port)
     stalled = [await raw(node.port) for _ in range(3)]
     stalled[0].send(upgrade_request(node.port)[:40])
@@ -313,7 +309,7 @@ async def test_stalled_handshake_is_closed_and_does_not_block(make_node, queue, 
     await assert_serving(node, redis_sync, client, "while stalled")
     late = await connect(node.port)  # new handshakes are served meanwhile
     elapsed = await until(lambda: all(r.lost for r in stalled), 15, what="stalled sockets closed by the server")
-    assert elapsed < 10
+    assert elapsed < 5
     await assert_serving(node, redis_sync, late, "after the stall")
     for c in (client, late):
         await c.close()
