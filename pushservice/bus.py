@@ -181,6 +181,9 @@ class Bus:
 
     async def _move_loop(self) -> None:
         config = self._config
+        # Move nothing before the history is loaded: an item moved earlier would count as
+        # history and never reach clients already connected (e.g. a node started while Redis was down).
+        await self._hub.when_ready()
         while not self._stopping:
             try:
                 tail = await self._mover.execute_command(

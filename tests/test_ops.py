@@ -715,7 +715,11 @@ async def test_starts_while_redis_is_down(twistd_service):
             r.lpush(node.queue, "late")
         finally:
             r.close()
-        assert (await client.next_of("message", timeout=15))["content"] == "late"
+        try:
+            frame = await client.next_of("message", timeout=15)
+        except Exception as e:
+            raise AssertionError(f"no delivery after Redis came up ({e!r}):\n{node.log()}") from None
+        assert frame["content"] == "late"
         await client.close()
         assert node.stop() in CLEAN_EXIT
         assert_clean_log(node.log())
@@ -730,6 +734,7 @@ async def test_sigterm_during_redis_outage(twistd_service):
     own.start()
     try:
         node = twistd_service("--redis-timeout", "1", "--shutdown-timeout", "3", redis=own)
+        await until(lambda: "connected to Redis" in node.log(), 15, "the Redis loops running")
         client = await connect(node.port)
         own.stop()
         await until(lambda: "lost Redis" in node.log(), 15, "'lost Redis' logged")
@@ -757,7 +762,53 @@ async def test_shutdown_bounded_when_a_step_hangs(make_node, queue, monkeypatch)
     stuck.pause()  # cancel() fires it, but nothing waiting on it ever resumes: like a wedged Redis disconnect
     monkeypatch.setattr(bus, "stop", lambda: defer.DeferredList([stuck]))
     started = time.monotonic()
-    await timed(node.service.stopService(), 10)
+    fired: list[object] = []
+    node.service.stopService().addBoth(fired.append)  # not addTimeout: that cannot bound this either
+    await until(lambda: fired, 10, "stopService fired")
     assert time.monotonic() - started < 1.0 + 1.5
     monkeypatch.undo()
     await timed(bus.stop(), 10)  # the real Redis side, so nothing outlives the test
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("localhost", timeout=5)
+        self._path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(5)
+        self.sock.connect(self._path)
+
+
+def test_listen_tcp_and_unix(redis_server: RedisServer, procs: list[Proc]) -> None:
+    """--listen given twice (tcp and unix:...:mode=) serves /healthz on both endpoints."""
+    workdir = Path(tempfile.mkdtemp(prefix="ps-unix-"))  # short path: AF_UNIX names are limited to 107 bytes
+    try:
+        port, sock = free_port(), workdir / "ws.sock"
+        proc = Proc(
+            [
+                TWISTD,
+                "-n",
+                "--pidfile=",
+                "--logfile=-",
+                *node_args(port, redis_server, new_queue()),
+                "--listen",
+                f"unix:{sock}:mode=660:lockfile=0",
+            ],
+            workdir,
+            port,
+        )
+        procs.append(proc)
+        proc.start()
+        assert sock.stat().st_mode & 0o777 == 0o660
+        conn = _UnixHTTPConnection(str(sock))
+        try:
+            conn.request("GET", "/healthz")
+            assert conn.getresponse().status == 200
+        finally:
+            conn.close()
+        assert proc.stop() in CLEAN_EXIT
+        assert_clean_log(proc.log())
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
