@@ -58,7 +58,10 @@ class TokenVerifier:
     def verify(self, token: str) -> Grant:
         try:
             claims = jwt.decode(
-                token, self._secret, algorithms=["HS256"], leeway=self._leeway,
+                token,
+                self._secret,
+                algorithms=["HS256"],
+                leeway=self._leeway,
                 options={"require": ["exp", "sub"]},
             )
         except jwt.ExpiredSignatureError:

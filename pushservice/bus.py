@@ -67,14 +67,26 @@ def _connect(reactor: Any, address: RedisAddress, poolsize: int, timeout: float)
         # asks the sentinels for the master before every (re)connection, so a failover is followed
         sentinel = txredisapi.Sentinel(list(address.sentinels))
         handler = sentinel.master_for(
-            address.service, factory_class=_sentinel_factory_class(), dbid=address.db, poolsize=poolsize, isLazy=True, charset=None,
-            password=address.password, username=address.username, convertNumbers=False,
+            address.service,
+            factory_class=_sentinel_factory_class(),
+            dbid=address.db,
+            poolsize=poolsize,
+            isLazy=True,
+            charset=None,
+            password=address.password,
+            username=address.username,
+            convertNumbers=False,
         )
         handler._factory.maxDelay = 5
         return _SentinelFactory(handler._factory, sentinel)
     factory = txredisapi.RedisFactory(
-        address.describe(), address.db, poolsize, isLazy=True,
-        charset=None, password=address.password, username=address.username,
+        address.describe(),
+        address.db,
+        poolsize,
+        isLazy=True,
+        charset=None,
+        password=address.password,
+        username=address.username,
         convertNumbers=False,
     )
     factory.maxDelay = 5  # resume within seconds once Redis is back
@@ -222,8 +234,15 @@ class Bus:
         while not self._stopping:
             try:
                 reply = await self._tailer.execute_command(
-                    "XREAD", "COUNT", _READ_COUNT, "BLOCK", _BLOCK_SECONDS * 1000,
-                    "STREAMS", config.log_key, self.last_id, apply_timeout=False,
+                    "XREAD",
+                    "COUNT",
+                    _READ_COUNT,
+                    "BLOCK",
+                    _BLOCK_SECONDS * 1000,
+                    "STREAMS",
+                    config.log_key,
+                    self.last_id,
+                    apply_timeout=False,
                 )
                 self._redis_back()
                 if not reply:
@@ -269,7 +288,9 @@ class Bus:
             self.last_id = entries[0][0]
         self._log.info(
             "history: {n} messages from {key}, resuming after {last}",
-            n=len(history), key=config.log_key, last=self.last_id.decode(),
+            n=len(history),
+            key=config.log_key,
+            last=self.last_id.decode(),
         )
 
     def _message(self, entry_id: bytes, fields: list[bytes]) -> Message:
@@ -301,8 +322,11 @@ class Bus:
         if _is_connection_error(failure):
             if self._stats.redis_up:
                 self._stats.redis_up = False
-                self._log.warn("lost Redis at {redis} ({why}); reconnecting", redis=self._address.describe(),
-                               why=failure.getErrorMessage())
+                self._log.warn(
+                    "lost Redis at {redis} ({why}); reconnecting",
+                    redis=self._address.describe(),
+                    why=failure.getErrorMessage(),
+                )
         else:
             self._log.failure("{loop} loop failed; retrying", failure, loop=loop)
         # the next command waits for the reconnect; this only spaces out retries

@@ -62,8 +62,7 @@ def parse_redis_url(url: str) -> RedisAddress:
         return _parse_sentinel_url(url)
     if parts.scheme not in ("redis", "rediss"):
         raise ValueError(
-            f"unsupported Redis URL {url!r}: use redis://host:port/db, "
-            "rediss://host:port/db or unix:///path.sock"
+            f"unsupported Redis URL {url!r}: use redis://host:port/db, rediss://host:port/db or unix:///path.sock"
         )
     path = parts.path.strip("/")
     if path:
@@ -102,9 +101,13 @@ def _parse_sentinel_url(url: str) -> RedisAddress:
         sentinels.append((name, int(port)))
     user, _, password = credentials.partition(":")
     return RedisAddress(
-        host=sentinels[0][0], port=sentinels[0][1], db=int(names[1]) if len(names) == 2 else 0,
-        username=unquote(user) or None, password=unquote(password) or None,
-        sentinels=tuple(sentinels), service=names[0],
+        host=sentinels[0][0],
+        port=sentinels[0][1],
+        db=int(names[1]) if len(names) == 2 else 0,
+        username=unquote(user) or None,
+        password=unquote(password) or None,
+        sentinels=tuple(sentinels),
+        service=names[0],
     )
 
 

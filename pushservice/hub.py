@@ -46,9 +46,7 @@ class Message:
 
     def wanted_by(self, peer: Peer, channels: Iterable[str] | None = None) -> bool:
         wanted = peer.channels if channels is None else channels
-        return (self.channel is None or self.channel in wanted) and (
-            self.user is None or self.user == peer.user
-        )
+        return (self.channel is None or self.channel in wanted) and (self.user is None or self.user == peer.user)
 
 
 class History:

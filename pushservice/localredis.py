@@ -84,15 +84,32 @@ class LocalRedis:
                 "install it (apt-get install redis-server) or pass --redis redis://host:port/0"
             )
         self._dir = tempfile.mkdtemp(prefix="pushservice-redis-")
-        args = [binary, "--port", str(PORT), "--bind", HOST, "--dir", self._dir, "--save", "",
-                "--appendonly", "no", "--logfile", "redis.log", "--daemonize", "no"]
+        args = [
+            binary,
+            "--port",
+            str(PORT),
+            "--bind",
+            HOST,
+            "--dir",
+            self._dir,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            "redis.log",
+            "--daemonize",
+            "no",
+        ]
         self._process = _RedisProcess()
         self._reactor.spawnProcess(self._process, binary, args, env=None, childFDs={0: "w", 1: "r", 2: "r"})
         for _ in range(100):
             if await redis_answers(self._reactor, timeout=0.5):
                 self._log.info(
                     "no --redis given: started a private redis-server on {host}:{port} (data in {dir})",
-                    host=HOST, port=PORT, dir=self._dir,
+                    host=HOST,
+                    port=PORT,
+                    dir=self._dir,
                 )
                 return address
             if self._process.ended.called:

@@ -51,12 +51,16 @@ class _StatsCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._stats
         yield GaugeMetricFamily("pushservice_connections", "Open WebSocket connections", value=s.connections)
-        yield CounterMetricFamily("pushservice_connections_accepted", "WebSocket connections accepted", value=s.connections_total)
+        yield CounterMetricFamily(
+            "pushservice_connections_accepted", "WebSocket connections accepted", value=s.connections_total
+        )
         yield CounterMetricFamily("pushservice_messages_in", "Messages read from the log", value=s.messages_in)
         yield CounterMetricFamily("pushservice_messages_out", "Messages delivered to connections", value=s.deliveries)
         yield CounterMetricFamily("pushservice_bytes_out", "Bytes of message frames written", value=s.bytes_out)
         yield CounterMetricFamily("pushservice_client_publishes", "Client messages queued", value=s.client_publishes)
-        yield CounterMetricFamily("pushservice_dead_letters", "Items moved to the dead-letter list", value=s.dead_letters)
+        yield CounterMetricFamily(
+            "pushservice_dead_letters", "Items moved to the dead-letter list", value=s.dead_letters
+        )
         yield CounterMetricFamily("pushservice_slow_disconnects", "Slow clients disconnected", value=s.slow_disconnects)
         errors = CounterMetricFamily("pushservice_errors", "Error frames sent, by code", labels=["code"])
         for code, n in sorted(s.errors.items()):
@@ -70,7 +74,8 @@ class _StatsCollector(Collector):
             yield GaugeMetricFamily("pushservice_queue_depth", "Items waiting on the Redis list", value=s.queue_depth)
         if s.queue_oldest_age is not None:
             yield GaugeMetricFamily(
-                "pushservice_queue_oldest_age_seconds", "How long the oldest waiting item has waited (approx.)",
+                "pushservice_queue_oldest_age_seconds",
+                "How long the oldest waiting item has waited (approx.)",
                 value=s.queue_oldest_age,
             )
 

@@ -51,7 +51,12 @@ class PushService(Service):
         state["_running"] = None
         return state
 
-    def startService(self) -> None:
+    def privilegedStartService(self) -> None:
+        """Bind the ports and read keys and the token secret before twistd drops privileges (--uid)."""
+        super().privilegedStartService()
+        self._prepare()
+
+    def _prepare(self) -> None:
         from twisted.internet import reactor
 
         from .bus import Bus
@@ -60,7 +65,6 @@ class PushService(Service):
         from .web import make_port_factory
         from .websocket import PushFactory, frame
 
-        super().startService()
         config = self.config
         run = self._running = _Running()
         stats = Stats()
@@ -68,8 +72,16 @@ class PushService(Service):
         run.bus = bus = Bus(reactor, config, hub, stats, framer=frame)
         run.factory = factory = PushFactory(reactor, config, hub, bus, stats)
         self._listen(reactor, make_port_factory(reactor, factory, bus, stats, config.demo, config.handshake_timeout))
-        run.startup = defer.ensureDeferred(self._connect(reactor, run))
-        run.startup.addErrback(self._startup_failed, reactor)
+
+    def startService(self) -> None:
+        from twisted.internet import reactor
+
+        if self._running is None:  # started without twistd's privileged step (tests, embedding)
+            self._prepare()
+        super().startService()
+        assert self._running is not None
+        self._running.startup = defer.ensureDeferred(self._connect(reactor, self._running))
+        self._running.startup.addErrback(self._startup_failed, reactor)
 
     def _listen(self, reactor: Any, site: Any) -> None:
         """Listen on every endpoint now, so a port in use fails twistd at startup."""

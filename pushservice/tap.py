@@ -58,11 +58,15 @@ def _list(text: str) -> tuple[str, ...]:
 
 # (long name, default, coerce, help); the Config field is the name with "_".
 _PARAMETERS: list[tuple[str, str | None, Callable[[str], Any], str]] = [
-    ("redis", None, parse_redis_url,
-     "Redis URL: redis://[user:pass@]host:port/db, rediss://host:port/db[?ca=ca.pem] "
-     "(TLS, certificate checked), unix:///path.sock?db=N or "
-     "redis+sentinel://host:26379[,host:port...]/master/db (follows failovers). Unset: use 127.0.0.1:6379, "
-     "starting a private redis-server there if none answers."),
+    (
+        "redis",
+        None,
+        parse_redis_url,
+        "Redis URL: redis://[user:pass@]host:port/db, rediss://host:port/db[?ca=ca.pem] "
+        "(TLS, certificate checked), unix:///path.sock?db=N or "
+        "redis+sentinel://host:26379[,host:port...]/master/db (follows failovers). Unset: use 127.0.0.1:6379, "
+        "starting a private redis-server there if none answers.",
+    ),
     ("queue", "messages", str, "Redis list producers LPUSH onto."),
     ("max-message-size", "64k", _size, "Largest client message; bigger ones get a too_large error."),
     ("max-frame-size", "1m", _size, "Hard limit on a client frame/message: the connection is closed with 1009."),
@@ -75,19 +79,36 @@ _PARAMETERS: list[tuple[str, str | None, Callable[[str], Any], str]] = [
     ("history-bytes", "8m", _size, "Byte bound on the replay history."),
     ("log-maxlen", "100000", _positive_int, "Approximate length the Redis stream (the ordered log) is trimmed to."),
     ("batch", "500", _positive_int, "Most items moved from the list to the log in one step."),
-    ("backlog", "1024", _positive_int,
-     "Listen backlog for tcp/ssl/unix endpoints that set none (Twisted's 50 drops reconnect storms)."),
+    (
+        "backlog",
+        "1024",
+        _positive_int,
+        "Listen backlog for tcp/ssl/unix endpoints that set none (Twisted's 50 drops reconnect storms).",
+    ),
     ("max-subscriptions", "100", _positive_int, "Channels one connection may subscribe to."),
     ("client-rate", "50", _seconds, "Client frames per second allowed per connection (token bucket)."),
     ("client-burst", "100", _positive_int, "Burst size of that token bucket."),
-    ("slow-client-bytes", "1m", _size, "Bytes queued for a client that is not reading before it is dropped (close 3008)."),
+    (
+        "slow-client-bytes",
+        "1m",
+        _size,
+        "Bytes queued for a client that is not reading before it is dropped (close 3008).",
+    ),
     ("slow-client-seconds", "10", _seconds, "Seconds a client may stay unable to take data before it is dropped."),
     ("shutdown-timeout", "10", _seconds, "Seconds a graceful shutdown may take."),
-    ("allowed-origins", "*", _list,
-     "Comma-separated browser origins allowed to connect, e.g. https://app.example.com; '*' allows all."),
+    (
+        "allowed-origins",
+        "*",
+        _list,
+        "Comma-separated browser origins allowed to connect, e.g. https://app.example.com; '*' allows all.",
+    ),
     ("token-secret-file", None, str, "File holding the HS256 secret for client JWTs (enables auth)."),
-    ("client-publish", "on", _choice("on", "off", "token"),
-     "Client publishing: on, off, or token (only with a token whose `publish` claim grants the channel)."),
+    (
+        "client-publish",
+        "on",
+        _choice("on", "off", "token"),
+        "Client publishing: on, off, or token (only with a token whose `publish` claim grants the channel).",
+    ),
     ("auth-timeout", "5", _seconds, "Seconds a client has to send its auth frame when tokens are required."),
     ("trusted-proxies", "0", int, "Number of reverse proxies whose X-Forwarded-For is trusted for client addresses."),
 ]

@@ -54,13 +54,14 @@ class _Root(resource.Resource):
 
 
 class _Health(resource.Resource):
-    """200 while Redis answers a PING, else 503."""
+    """200 while Redis answers a PING and the node's Redis loops are connected, else 503."""
 
     isLeaf = True
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, stats: Stats) -> None:
         super().__init__()
         self._bus = bus
+        self._stats = stats
 
     def render_GET(self, request: Any) -> Any:
         request.setHeader(b"content-type", b"text/plain; charset=utf-8")
@@ -72,6 +73,7 @@ class _Health(resource.Resource):
         def answer(ok: bool) -> None:
             if gone:
                 return
+            ok = ok and self._stats.redis_up
             request.setResponseCode(200 if ok else 503)
             request.write(b"ok\n" if ok else b"redis unavailable\n")
             request.finish()
@@ -128,6 +130,8 @@ class _FirstRequest(protocol.Protocol):
     handshake timeout.
     """
 
+    transport: Any
+
     def __init__(self, port: _PortFactory) -> None:
         self._port = port
         self._head = b""
@@ -144,7 +148,7 @@ class _FirstRequest(protocol.Protocol):
         self._deadline.cancel()
         upgrade = end >= 0 and _WEBSOCKET_HEAD.match(self._head[: end + 2].lower())
         factory = self._port.websocket if upgrade else self._port.site
-        successor = factory.buildProtocol(self.transport.getPeer())
+        successor: Any = factory.buildProtocol(self.transport.getPeer())
         transport = self.transport
         if isinstance(transport, ProtocolWrapper):  # TLS: the wrapper feeds its wrapped protocol
             transport.wrappedProtocol = successor
@@ -186,7 +190,7 @@ def make_port_factory(
     page: Any = _Static("demo.html", b"text/html; charset=utf-8") if demo else pages.notFound()
     root = _Root(WebSocketResource(factory), page)
     root.putChild(b"pushservice.js", _Static("pushservice.js", b"application/javascript; charset=utf-8"))
-    root.putChild(b"healthz", _Health(bus))
+    root.putChild(b"healthz", _Health(bus, stats))
     root.putChild(b"metrics", _Metrics(bus, stats))
     # keep-alive HTTP clients (scrapers) may idle a while; the head itself is bounded above
     site = _Site(root, timeout=60)

@@ -47,8 +47,15 @@ _OPEN = WebSocketProtocol.STATE_OPEN
 
 
 _HANDSHAKE_LEFTOVERS = (
-    "http_request_data", "http_response_data", "http_headers", "http_status_line", "http_request_uri",
-    "http_request_params", "http_request_path", "websocket_protocols", "websocket_extensions",
+    "http_request_data",
+    "http_response_data",
+    "http_headers",
+    "http_status_line",
+    "http_request_uri",
+    "http_request_params",
+    "http_request_path",
+    "websocket_protocols",
+    "websocket_extensions",
 )
 
 
@@ -156,13 +163,14 @@ class PushProtocol(WebSocketServerProtocol):
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         f = self.factory
         if not self._take_token():
-            self._error("rate_limited", "too many frames: slow down", peek_id(payload, isBinary, f.config.max_message_size))
+            self._error(
+                "rate_limited", "too many frames: slow down", peek_id(payload, isBinary, f.config.max_message_size)
+            )
             return
         try:
             request = parse_request(payload, isBinary, f.config.max_message_size)
             if self._grant is None and f.config.require_token and not isinstance(request, Auth):
-                raise WireError("forbidden", "authenticate first: send {\"type\":\"auth\",\"token\":...}",
-                                request.id)
+                raise WireError("forbidden", 'authenticate first: send {"type":"auth","token":...}', request.id)
             if isinstance(request, Publish):
                 self._publish(request)
             elif isinstance(request, Subscribe):

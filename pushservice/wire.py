@@ -23,8 +23,19 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
-    "Auth", "Offset", "Publish", "Request", "Subscribe", "Unsubscribe", "WireError",
-    "check_channel", "encode", "error_frame", "message_frame", "parse_offset", "parse_request",
+    "Auth",
+    "Offset",
+    "Publish",
+    "Request",
+    "Subscribe",
+    "Unsubscribe",
+    "WireError",
+    "check_channel",
+    "encode",
+    "error_frame",
+    "message_frame",
+    "parse_offset",
+    "parse_request",
 ]
 
 MAX_CHANNEL = 255
@@ -78,10 +89,10 @@ Request = Publish | Subscribe | Unsubscribe | Auth
 def parse_offset(text: object) -> Offset:
     """``"1700000000000-3"`` -> ``(1700000000000, 3)``; a bare ``"17"`` means ``(17, 0)``."""
     if not isinstance(text, str) or len(text) > 41:
-        raise ValueError("an offset is a string like \"1700000000000-0\"")
+        raise ValueError('an offset is a string like "1700000000000-0"')
     ms, _, seq = text.partition("-")
     if not ms.isdigit() or not (seq.isdigit() or seq == ""):
-        raise ValueError(f"bad offset {text!r}: expected \"<ms>-<seq>\"")
+        raise ValueError(f'bad offset {text!r}: expected "<ms>-<seq>"')
     return int(ms), int(seq or 0)
 
 
@@ -154,7 +165,7 @@ def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
     except (ValueError, RecursionError):
         raise WireError("bad_request", "frame is not valid JSON") from None
     if not isinstance(frame, dict):
-        raise WireError("bad_request", "frame must be a JSON object with a \"type\"")
+        raise WireError("bad_request", 'frame must be a JSON object with a "type"')
     rid = _request_id(frame)
     if len(payload) > max_size:
         raise WireError("too_large", f"message is over the {max_size} byte limit", rid)
@@ -164,7 +175,7 @@ def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
     try:
         if kind == "message":
             if "content" not in frame:
-                raise ValueError("a message needs \"content\"")
+                raise ValueError('a message needs "content"')
             channel = frame.get("channel")
             return Publish(rid, frame["content"], None if channel is None else check_channel(channel))
         if kind == "subscribe":
@@ -175,12 +186,12 @@ def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
         if kind == "auth":
             token = frame.get("token")
             if not isinstance(token, str) or not token:
-                raise ValueError("auth needs a \"token\" string")
+                raise ValueError('auth needs a "token" string')
             return Auth(rid, token)
     except ValueError as e:
         raise WireError("bad_request", str(e), rid) from None
     if kind is None:
-        raise WireError("bad_request", "frame has no \"type\"", rid)
+        raise WireError("bad_request", 'frame has no "type"', rid)
     raise WireError("bad_request", f"unknown type {kind!r}: use message, subscribe, unsubscribe or auth", rid)
 
 

@@ -64,9 +64,22 @@ class RedisServer:
     def start(self) -> None:
         persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persistent else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", self.host, "--dir", self.dir,
-             "--save", "", *persistence, "--logfile", "redis.log"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                self.host,
+                "--dir",
+                self.dir,
+                "--save",
+                "",
+                *persistence,
+                "--logfile",
+                "redis.log",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         wait_port(self.port)
 
@@ -177,14 +190,27 @@ def twistd_service(redis_server: RedisServer, tmp_path: Path) -> Iterator[Any]:
     """Factory: ``twistd_service(*extra_args, queue=None)`` starts a node and waits until healthy."""
     started: list[TwistdProcess] = []
 
-    def start(*extra: str, queue: str | None = None, redis: RedisServer | None = None, wait: bool = True) -> TwistdProcess:
+    def start(
+        *extra: str, queue: str | None = None, redis: RedisServer | None = None, wait: bool = True
+    ) -> TwistdProcess:
         port = free_port()
         queue = queue or f"q-{uuid.uuid4().hex[:10]}"
         workdir = tmp_path / f"node{len(started)}"
         workdir.mkdir()
-        args = [str(TWISTD), "-n", "--pidfile=", "--logfile=-", "pushservice",
-                "--listen", f"tcp:{port}:interface=127.0.0.1",
-                "--redis", (redis or redis_server).url, "--queue", queue, *extra]
+        args = [
+            str(TWISTD),
+            "-n",
+            "--pidfile=",
+            "--logfile=-",
+            "pushservice",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--redis",
+            (redis or redis_server).url,
+            "--queue",
+            queue,
+            *extra,
+        ]
         proc = TwistdProcess(args, workdir, port, queue)
         started.append(proc)
         proc.start(wait=wait)

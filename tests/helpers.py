@@ -17,8 +17,11 @@ TIMEOUT = 10.0
 
 def timed(d: Any, seconds: float = TIMEOUT) -> Any:
     """A Deferred (or coroutine) that fails with TimeoutError after C{seconds}."""
-    return defer.ensureDeferred(d).addTimeout(seconds, reactor) if not isinstance(d, defer.Deferred) \
+    return (
+        defer.ensureDeferred(d).addTimeout(seconds, reactor)
+        if not isinstance(d, defer.Deferred)
         else d.addTimeout(seconds, reactor)
+    )
 
 
 async def eventually(check: Any, timeout: float = TIMEOUT) -> None:
@@ -129,8 +132,9 @@ class Client(WebSocketClientProtocol):
         await timed(self.closed, 5)
 
 
-async def connect(port: int, query: str = "", headers: dict[str, str] | None = None,
-                  timeout: float = TIMEOUT) -> Client:
+async def connect(
+    port: int, query: str = "", headers: dict[str, str] | None = None, timeout: float = TIMEOUT
+) -> Client:
     """Open a WebSocket to the node; raises L{Refused} if the handshake is refused."""
     url = f"ws://127.0.0.1:{port}/" + (f"?{query}" if query else "")
     factory = WebSocketClientFactory(url, headers=headers or {})

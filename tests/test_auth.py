@@ -164,7 +164,9 @@ async def test_publish_permissions(make_node, queue, secret_file):
     assert reply["code"] == "forbidden"
     writer = await connect(node.port, f"token={token(publish=['news'])}")
     assert (await writer.request({"type": "message", "content": 1, "channel": "news", "id": 2})) == {
-        "type": "ack", "id": 2}
+        "type": "ack",
+        "id": 2,
+    }
     reply = await writer.request({"type": "message", "content": 1, "channel": "sport", "id": 3})
     assert reply["code"] == "forbidden"
     closed = await make_node(f"{queue}-off", client_publish="off")

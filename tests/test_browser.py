@@ -5,14 +5,14 @@ nothing here ever downloads a browser or a driver (skips when they are
 missing). Needs the conftest fixtures `redis_server`, `redis_sync` and
 `twistd_service`.
 """
+
 import os
 import time
 import uuid
 
 import pytest
 
-webdriver = pytest.importorskip(
-    "selenium.webdriver", reason="selenium (a test dependency) is not installed")
+webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (a test dependency) is not installed")
 from selenium.common.exceptions import TimeoutException  # noqa: E402
 from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -25,7 +25,8 @@ TIMEOUT = 20  # seconds: the bound of every wait below
 pytestmark = pytest.mark.skipif(
     not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
     reason="headless browser tests need Debian's chromium and chromium-driver "
-           "(%s, %s): apt-get install chromium chromium-driver" % (CHROMIUM, CHROMEDRIVER))
+    "(%s, %s): apt-get install chromium chromium-driver" % (CHROMIUM, CHROMEDRIVER),
+)
 
 
 @pytest.fixture
@@ -35,11 +36,19 @@ def browser(tmp_path, monkeypatch):
     monkeypatch.setenv("SE_OFFLINE", "true")
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                "--no-first-run", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync",
-                "--disable-dev-shm-usage", "--window-size=1200,900",
-                "--user-data-dir=%s" % (tmp_path / "chromium-profile")):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,900",
+        "--user-data-dir=%s" % (tmp_path / "chromium-profile"),
+    ):
         options.add_argument(arg)
     options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -74,7 +83,8 @@ def wait_for(driver, condition, what):
             logs = []
         raise AssertionError(
             "timed out after %ss waiting for %s; state=%r messages=%r console=%r"
-            % (TIMEOUT, what, page_state(driver), page_messages(driver), logs)) from None
+            % (TIMEOUT, what, page_state(driver), page_messages(driver), logs)
+        ) from None
 
 
 def open_demo(driver, proc):
@@ -92,8 +102,11 @@ def test_redis_push_shows_on_page(browser, twistd_service, redis_sync):
     proc = twistd_service()
     open_demo(browser, proc)
     redis_sync.lpush(proc.queue, "hello from redis")
-    wait_for(browser, lambda d: any(m["content"] == "hello from redis" for m in page_messages(d)),
-             "the pushed message to show")
+    wait_for(
+        browser,
+        lambda d: any(m["content"] == "hello from redis" for m in page_messages(d)),
+        "the pushed message to show",
+    )
     [msg] = page_messages(browser)
     assert msg["offset"], "every shown message carries its offset"
     assert msg["channel"] == "", "a plain item is a broadcast (channel null)"
@@ -107,11 +120,14 @@ def test_publish_from_form_is_acked_and_broadcast_back(browser, twistd_service):
     browser.find_element(By.ID, "content").send_keys(text)
     browser.find_element(By.ID, "send").click()
     result = wait_for(
-        browser, lambda d: d.find_element(By.ID, "publish-result").text.startswith(("ack", "error")),
-        "the publish result")
+        browser,
+        lambda d: d.find_element(By.ID, "publish-result").text.startswith(("ack", "error")),
+        "the publish result",
+    )
     assert result and browser.find_element(By.ID, "publish-result").text.startswith("ack")
-    wait_for(browser, lambda d: any(m["content"] == text for m in page_messages(d)),
-             "the published message to come back")
+    wait_for(
+        browser, lambda d: any(m["content"] == text for m in page_messages(d)), "the published message to come back"
+    )
     assert [m["content"] for m in page_messages(browser)].count(text) == 1
 
 

@@ -43,8 +43,9 @@ def sync_redis(server: Any) -> Any:
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    return redis.Redis(host=server.host, port=server.port, socket_timeout=5, socket_connect_timeout=5,
-                       retry=Retry(NoBackoff(), 0))
+    return redis.Redis(
+        host=server.host, port=server.port, socket_timeout=5, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
+    )
 
 
 def start_nodes(twistd_service: Any, count: int, *args: str, queue: str, redis: Any = None) -> list[Any]:
@@ -59,8 +60,9 @@ async def sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
 
-async def read_until(client: Client, done: Callable[[list[dict[str, Any]]], bool],
-                     timeout: float = DEADLINE) -> list[dict[str, Any]]:
+async def read_until(
+    client: Client, done: Callable[[list[dict[str, Any]]], bool], timeout: float = DEADLINE
+) -> list[dict[str, Any]]:
     """Message frames from C{client} until C{done(frames)}; fails on any other frame or after C{timeout}."""
     deadline = time.monotonic() + timeout
     frames: list[dict[str, Any]] = []
@@ -68,7 +70,8 @@ async def read_until(client: Client, done: Callable[[list[dict[str, Any]]], bool
         remaining = deadline - time.monotonic()
         if remaining <= 0 or client.closed.called:
             raise AssertionError(
-                f"gave up after {len(frames)} messages (closed={client.closed.called}); last: {frames[-1:]}")
+                f"gave up after {len(frames)} messages (closed={client.closed.called}); last: {frames[-1:]}"
+            )
         try:
             frame = await client.next(min(remaining, 1.0))
         except defer.TimeoutError:
@@ -90,13 +93,14 @@ async def assert_quiet(clients: list[Client], seconds: float = 0.5) -> None:
         assert not extra, f"unexpected extra frames: {extra[:3]}"
 
 
-def produce(server: Any, queue: str, items: list[str], pipeline: int, pause: float,
-            each: Callable[[int], None] | None = None) -> None:
+def produce(
+    server: Any, queue: str, items: list[str], pipeline: int, pause: float, each: Callable[[int], None] | None = None
+) -> None:
     """LPUSH C{items} in order, C{pipeline} at a time, pausing between; C{each(n)} after every batch."""
     r = sync_redis(server)
     try:
         for start in range(0, len(items), pipeline):
-            r.lpush(queue, *items[start:start + pipeline])
+            r.lpush(queue, *items[start : start + pipeline])
             if each is not None:
                 each(start + pipeline)
             time.sleep(pause)
@@ -170,7 +174,7 @@ async def test_node_killed_mid_burst_loses_nothing(twistd_service, redis_server,
     for client in on_a:
         await defer.maybeDeferred(lambda c=client: c.closed).addTimeout(10, reactor)
         got = [f["content"] for f in client.frames.pending if f.get("type") == "message"]
-        assert got == items[:len(got)]
+        assert got == items[: len(got)]
     r = sync_redis(redis_server)
     assert r.llen(queue) == 0, "the list must be drained"
     assert r.xlen(f"{queue}:log") == len(items), "the log must hold every item exactly once"
@@ -457,7 +461,7 @@ async def test_since_on_a_node_that_lags_behind(twistd_service, redis_server, qu
     try:
         backlog = [f"q{i}" for i in range(3000)]
         for start in range(0, len(backlog), 500):
-            r.lpush(queue, *backlog[start:start + 500])
+            r.lpush(queue, *backlog[start : start + 500])
         seen = await read_n(client, len(backlog))
         assert [f["content"] for f in seen] == backlog
         await client.close()

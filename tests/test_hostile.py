@@ -60,8 +60,8 @@ def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
             i += 4
         if len(buf) < i + n:
             break
-        out.append((buf[0] & 0x0F, bytes(buf[i:i + n])))
-        del buf[:i + n]
+        out.append((buf[0] & 0x0F, bytes(buf[i : i + n])))
+        del buf[: i + n]
     return out
 
 
@@ -485,8 +485,10 @@ async def test_slow_client_is_dropped_and_memory_bounded(make_node, queue, redis
     reader = await connect(node.port)
     sock = await threads.deferToThread(_slow_connect, node.port)
     local = sock.getsockname()[1]
-    await until(lambda: any(p.transport.getPeer().port == local for p in node.running.factory.connections()),
-                what="slow client registered")
+    await until(
+        lambda: any(p.transport.getPeer().port == local for p in node.running.factory.connections()),
+        what="slow client registered",
+    )
     slow = next(p for p in node.running.factory.connections() if p.transport.getPeer().port == local)
     # loopback autotunes a send buffer up to tcp_wmem's max (4 MiB): pin the kernel's share to 64 KiB
     # so that a bounded push fills it and the node's own buffering is what gets tested
@@ -569,8 +571,12 @@ async def test_edge_case_content_round_trips(node, redis_sync):
         assert got[c] == accepted
     assert redis_sync.llen(node.config.dead_key) == 0
     # a lone surrogate (which Redis's cjson cannot decode) is refused, not relayed as a raw broadcast
-    for i, raw_frame in enumerate((b'{"type":"message","content":"a\\ud800b","id":1}',
-                                   b'{"type":"message","content":"x","channel":"\\udc00","id":2}')):
+    for i, raw_frame in enumerate(
+        (
+            b'{"type":"message","content":"a\\ud800b","id":1}',
+            b'{"type":"message","content":"x","channel":"\\udc00","id":2}',
+        )
+    ):
         client.sendMessage(raw_frame)
         assert (await client.next_of("error"))["id"] == i + 1
     redis_sync.lpush(node.config.queue, "sentinel 2")

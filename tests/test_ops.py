@@ -812,3 +812,17 @@ def test_listen_tcp_and_unix(redis_server: RedisServer, procs: list[Proc]) -> No
         assert_clean_log(proc.log())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ports_are_bound_before_privileges_drop(redis_server, queue):
+    """privilegedStartService (run by twistd before --uid takes effect) binds the ports; startService then serves."""
+    from helpers import Node, connect
+
+    node = Node(redis_server.url, queue)
+    node.service.privilegedStartService()
+    assert node.running.ports and not node.service.running
+    await node.start()
+    client = await connect(node.port)
+    await client.close()
+    await node.stop()

@@ -28,8 +28,17 @@ def test_without_redis_option_a_local_redis_is_used_and_the_demo_served(tmp_path
     had_redis = redis_on_6379()
     port = free_port()
     queue = f"q-{uuid.uuid4().hex[:8]}"
-    args = [str(TWISTD), "-n", "--pidfile=", "--logfile=-", "pushservice",
-            "--listen", f"tcp:{port}:interface=127.0.0.1", "--queue", queue]
+    args = [
+        str(TWISTD),
+        "-n",
+        "--pidfile=",
+        "--logfile=-",
+        "pushservice",
+        "--listen",
+        f"tcp:{port}:interface=127.0.0.1",
+        "--queue",
+        queue,
+    ]
     node = TwistdProcess(args, tmp_path, port, queue)
     node.start()
     try:
@@ -57,11 +66,14 @@ def test_without_redis_option_a_local_redis_is_used_and_the_demo_served(tmp_path
         assert not redis_on_6379(), "the private redis-server must stop with the node"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--listen", "tcp:notaport"], "--listen"),
-    (["--redis", "http://x"], "--redis"),
-    (["--max-message-size", "-1"], "--max-message-size"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--listen", "tcp:notaport"], "--listen"),
+        (["--redis", "http://x"], "--redis"),
+        (["--max-message-size", "-1"], "--max-message-size"),
+    ],
+)
 def test_bad_options_fail_with_a_clear_message(args, message):
     """A bad option makes twistd exit non-zero naming the option, before it starts anything."""
     out = subprocess.run([str(TWISTD), "-n", "pushservice", *args], capture_output=True, text=True, timeout=60)

@@ -86,8 +86,10 @@ def test_unicode_channel_of_max_bytes_accepted():
 # -- bad input -------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("payload", [b"", b"not json", b"{", b'{"type":"subscribe",}', b"\xff\xfe\x00",
-                                     b"[1,2", b"{'type':'message'}", b"1" * 5000])
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"not json", b"{", b'{"type":"subscribe",}', b"\xff\xfe\x00", b"[1,2", b"{'type':'message'}", b"1" * 5000],
+)
 def test_not_json_is_bad_request(payload):
     """A frame that is not JSON is a bad_request without id."""
     assert bad(payload).request_id is None
@@ -101,8 +103,11 @@ def test_not_an_object_is_bad_request(value):
 
 def test_nan_and_infinity_are_not_json():
     """NaN / Infinity are not JSON (RFC 8259): rejected, not relayed to browsers that cannot parse them."""
-    for payload in (b'{"type":"message","content":NaN}', b'{"type":"message","content":[Infinity]}',
-                    b'{"type":"message","content":-Infinity,"id":3}'):
+    for payload in (
+        b'{"type":"message","content":NaN}',
+        b'{"type":"message","content":[Infinity]}',
+        b'{"type":"message","content":-Infinity,"id":3}',
+    ):
         bad(payload)
 
 
@@ -142,8 +147,9 @@ def test_channel_too_long_carries_id():
     assert bad({"type": "subscribe", "channel": "é" * 128, "id": 2}).request_id == 2  # 256 bytes
 
 
-@pytest.mark.parametrize("since", ["", "abc", "-1", "1-2-3", "1.5", " 1", "1 ", "0x10", 17, 1.0, True,
-                                   [], {}, "1" * 42, "²", "-"])
+@pytest.mark.parametrize(
+    "since", ["", "abc", "-1", "1-2-3", "1.5", " 1", "1 ", "0x10", 17, 1.0, True, [], {}, "1" * 42, "²", "-"]
+)
 def test_malformed_since_carries_id(since):
     """A since that is not "<ms>-<seq>" is a bad_request carrying the id."""
     assert bad({"type": "subscribe", "channel": "a", "since": since, "id": "s"}).request_id == "s"
@@ -235,7 +241,11 @@ def test_encode_lone_surrogate_does_not_crash():
     frame = message_frame("x\ud83d", None, "1-0")
     assert json.loads(frame)["content"] == "x\ud83d"
     assert json.loads(error_frame("bad_request", "bad \udc80", 3)) == {
-        "type": "error", "code": "bad_request", "message": "bad \udc80", "id": 3}
+        "type": "error",
+        "code": "bad_request",
+        "message": "bad \udc80",
+        "id": 3,
+    }
 
 
 def test_reply_and_error_frames():
@@ -247,10 +257,12 @@ def test_reply_and_error_frames():
 
 def test_lone_surrogate_is_bad_request():
     """An unpaired surrogate escape anywhere in a frame is a bad_request carrying the id (Redis cannot relay it)."""
-    for payload in (b'{"type":"message","content":"a\\ud800b","id":1}',
-                    b'{"type":"message","content":{"k":["\\uDFFF"]},"id":1}',
-                    b'{"type":"message","content":"x","channel":"\\ud800","id":1}',
-                    b'{"type":"subscribe","channel":"\\udbff","id":1}'):
+    for payload in (
+        b'{"type":"message","content":"a\\ud800b","id":1}',
+        b'{"type":"message","content":{"k":["\\uDFFF"]},"id":1}',
+        b'{"type":"message","content":"x","channel":"\\ud800","id":1}',
+        b'{"type":"subscribe","channel":"\\udbff","id":1}',
+    ):
         assert bad(payload).request_id == 1, payload
 
 
