@@ -24,6 +24,7 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .config import Config, RedisAddress
@@ -252,10 +253,15 @@ class Bus:
                 self.last_id = entries[-1][0]
                 self._stats.messages_in += len(batch)
                 self._stats.last_offset_ms = batch[-1].offset[0]
+                started = self._reactor.seconds()
                 written = self._hub.deliver(batch)
                 if written is not None:
                     # what arrives meanwhile waits in Redis and comes as one batch
                     await written
+                rest = config.linger - (self._reactor.seconds() - started)
+                if rest > 0:
+                    # at most one fan-out per linger: each costs a send per connection
+                    await deferLater(self._reactor, rest, lambda: None)
             except Exception:
                 await self._after_error("fan-out")
 
@@ -313,7 +319,6 @@ class Bus:
         return Message(parse_offset(offset_text), channel, user, frame)
 
     async def _after_error(self, loop: str) -> None:
-        from twisted.internet.task import deferLater
         from twisted.python.failure import Failure
 
         failure = Failure()

@@ -135,6 +135,7 @@ class Config:
     log_maxlen: int = 100000
     batch: int = 500
     backlog: int = 1024
+    linger: float = 0.0
     max_subscriptions: int = 100
     client_rate: float = 50.0
     client_burst: int = 100

@@ -43,6 +43,13 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
 def _choice(*allowed: str) -> Callable[[str], str]:
     def coerce(text: str) -> str:
         if text not in allowed:
@@ -79,6 +86,7 @@ _PARAMETERS: list[tuple[str, str | None, Callable[[str], Any], str]] = [
     ("history-bytes", "8m", _size, "Byte bound on the replay history."),
     ("log-maxlen", "100000", _positive_int, "Approximate length the Redis stream (the ordered log) is trimmed to."),
     ("batch", "500", _positive_int, "Most items moved from the list to the log in one step."),
+    ("linger", "0", _non_negative, "Seconds at least between two fan-outs: more messages per write under load."),
     (
         "backlog",
         "1024",

@@ -410,3 +410,10 @@ def test_bad_redis_urls(url: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_redis_url(url)
     assert str(info.value)
+
+
+def test_readme_documents_every_option() -> None:
+    """README.rst's options table names every option twistd pushservice accepts."""
+    readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
+    for name in [n for n, *_ in _PARAMETERS] + [n for n, _ in _FLAGS] + ["listen", "config"]:
+        assert f"``--{name}``" in readme, name
