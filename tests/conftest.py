@@ -185,6 +185,12 @@ class TwistdProcess:
         self.start()
 
 
+def twistd_args(port: int, queue: str, *extra: str) -> list[str]:
+    """``twistd -n pushservice`` on 127.0.0.1:port and C{queue}, logging to stdout."""
+    listen = f"tcp:{port}:interface=127.0.0.1"
+    return [str(TWISTD), "-n", "--pidfile=", "--logfile=-", "pushservice", "--listen", listen, "--queue", queue, *extra]
+
+
 @pytest.fixture
 def twistd_service(redis_server: RedisServer, tmp_path: Path) -> Iterator[Any]:
     """Factory: ``twistd_service(*extra_args, queue=None)`` starts a node and waits until healthy."""
@@ -197,20 +203,7 @@ def twistd_service(redis_server: RedisServer, tmp_path: Path) -> Iterator[Any]:
         queue = queue or f"q-{uuid.uuid4().hex[:10]}"
         workdir = tmp_path / f"node{len(started)}"
         workdir.mkdir()
-        args = [
-            str(TWISTD),
-            "-n",
-            "--pidfile=",
-            "--logfile=-",
-            "pushservice",
-            "--listen",
-            f"tcp:{port}:interface=127.0.0.1",
-            "--redis",
-            (redis or redis_server).url,
-            "--queue",
-            queue,
-            *extra,
-        ]
+        args = twistd_args(port, queue, "--redis", (redis or redis_server).url, *extra)
         proc = TwistdProcess(args, workdir, port, queue)
         started.append(proc)
         proc.start(wait=wait)

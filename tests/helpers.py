@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
@@ -24,15 +25,16 @@ def timed(d: Any, seconds: float = TIMEOUT) -> Any:
     )
 
 
-async def eventually(check: Any, timeout: float = TIMEOUT) -> None:
-    """Wait until C{check()} is true, polling the reactor; fail after C{timeout} seconds."""
+async def until(predicate: Any, timeout: float = TIMEOUT, what: str = "condition", interval: float = 0.02) -> float:
+    """Poll C{predicate} while the reactor runs; return the seconds it took, fail after C{timeout}."""
     from twisted.internet.task import deferLater
 
-    for _ in range(int(timeout / 0.02)):
-        if check():
-            return
-        await deferLater(reactor, 0.02, lambda: None)
-    raise AssertionError(f"not true after {timeout}s: {check}")
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not true after {timeout}s")
+        await deferLater(reactor, interval, lambda: None)
+    return time.monotonic() - start
 
 
 class Node:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
-from helpers import connect, eventually
+from helpers import connect, until
 
 
 @pytest_twisted.ensureDeferred
@@ -65,7 +65,7 @@ async def test_malformed_envelopes_go_to_the_dead_letter_list(node, redis_sync):
     assert [f["content"] for f in await client.messages(2)] == ["before", "after"]
     assert redis_sync.lrange(f"{q}:dead", 0, -1)[::-1] == bad
     # the mover counts them when its script returns, which may be after the tailer's delivery
-    await eventually(lambda: node.stats.dead_letters == 4)
+    await until(lambda: node.stats.dead_letters == 4, what="dead letters counted")
     assert client.pending() == 0
     await client.close()
 

@@ -15,7 +15,7 @@ import time
 from typing import Any
 
 import pytest_twisted
-from helpers import Refused, connect, timed
+from helpers import Refused, connect, timed, until
 from twisted.internet import reactor, task, threads
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
@@ -63,16 +63,6 @@ def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
         out.append((buf[0] & 0x0F, bytes(buf[i : i + n])))
         del buf[: i + n]
     return out
-
-
-async def until(predicate: Any, timeout: float = 10.0, what: str = "condition") -> float:
-    """Poll C{predicate} every 20 ms; return the seconds it took, fail after C{timeout}."""
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"{what}: not true after {timeout}s")
-        await task.deferLater(reactor, 0.02, lambda: None)
-    return time.monotonic() - start
 
 
 class Raw(Protocol):

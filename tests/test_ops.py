@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from conftest import ROOT, TWISTD, RedisServer, TwistdProcess, free_port, wait_port
-from helpers import Client, connect, timed
+from helpers import Client, connect, timed, until
 
 MKTAP = Path(sys.executable).with_name("pushservice-mktap")
 START_TIMEOUT = 30.0  # the machine is shared: starting twistd can take a while
@@ -64,21 +64,6 @@ def poll(predicate: Callable[[], Any], timeout: float, what: str, interval: floa
         if time.monotonic() > deadline:
             raise TimeoutError(f"{what}: not after {timeout}s")
         time.sleep(interval)
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Like L{poll}, but lets the reactor (and so the test's WebSocket clients) run between tries."""
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
-
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout}s")
-        await deferLater(reactor, interval, lambda: None)
 
 
 def pid_alive(pid: int) -> bool:
@@ -579,7 +564,7 @@ async def test_sigterm_graceful_shutdown(twistd_service, redis_sync):
         socket.create_connection(("127.0.0.1", node.port), timeout=5).close()
     codes = [first] + [await timed(client.closed, 10) for client in clients[1:]]
     assert [code for code, _ in codes] == [1001, 1001, 1001], codes
-    assert await until(lambda: node.proc.poll() is not None, 20, "exit") is True
+    await until(lambda: node.proc.poll() is not None, 20, "exit")
     elapsed = time.monotonic() - started
     assert node.proc.returncode in CLEAN_EXIT, node.log()
     assert elapsed < 5, f"shutdown took {elapsed:.1f}s"

@@ -9,7 +9,7 @@ import urllib.request
 import uuid
 
 import pytest
-from conftest import TWISTD, TwistdProcess, free_port
+from conftest import TWISTD, TwistdProcess, free_port, twistd_args
 
 
 def redis_on_6379() -> bool:
@@ -28,18 +28,7 @@ def test_without_redis_option_a_local_redis_is_used_and_the_demo_served(tmp_path
     had_redis = redis_on_6379()
     port = free_port()
     queue = f"q-{uuid.uuid4().hex[:8]}"
-    args = [
-        str(TWISTD),
-        "-n",
-        "--pidfile=",
-        "--logfile=-",
-        "pushservice",
-        "--listen",
-        f"tcp:{port}:interface=127.0.0.1",
-        "--queue",
-        queue,
-    ]
-    node = TwistdProcess(args, tmp_path, port, queue)
+    node = TwistdProcess(twistd_args(port, queue), tmp_path, port, queue)
     node.start()
     try:
         assert f"demo page: http://127.0.0.1:{port}/" in node.log()
