@@ -61,6 +61,13 @@ local function classify(item)
   return "r"
 end
 
+-- A failed call aborts a script without undoing what it did: check the keys
+-- before popping anything, so a wrong-typed key cannot swallow items.
+local log_type = redis.call("TYPE", KEYS[2]).ok
+local dead_type = redis.call("TYPE", KEYS[3]).ok
+if (log_type ~= "stream" and log_type ~= "none") or (dead_type ~= "list" and dead_type ~= "none") then
+  return redis.error_reply("pushservice: " .. KEYS[2] .. " must be a stream and " .. KEYS[3] .. " a list")
+end
 local items = redis.call("RPOP", KEYS[1], ARGV[1])
 if not items then return {0, {}} end
 local moved, dead = 0, {}

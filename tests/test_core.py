@@ -6,6 +6,8 @@ import json
 
 import pytest_twisted
 from helpers import connect, until
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
 
 
 @pytest_twisted.ensureDeferred
@@ -84,3 +86,17 @@ async def test_client_publish_is_queued_and_acked(node):
     assert [m["content"]["i"] for m in got] == list(range(5)) and {m["channel"] for m in got} == {"chat"}
     await sender.close()
     await other.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_wrong_typed_log_key_loses_nothing(node, redis_sync):
+    """If <queue>:log is not a stream, items stay on the list (and flow once it is fixed)."""
+    q = node.config.queue
+    client = await connect(node.port)
+    redis_sync.set(f"{q}:log", "oops")
+    redis_sync.lpush(q, "kept")
+    await deferLater(reactor, 1.0, lambda: None)  # the mover tries at once and keeps retrying
+    assert redis_sync.llen(q) == 1
+    redis_sync.delete(f"{q}:log")
+    assert (await client.next_of("message", timeout=15))["content"] == "kept"
+    await client.close()
