@@ -7,7 +7,7 @@ writes each connection's share of a batch with one ``push`` call.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -239,36 +239,31 @@ class Hub:
             done.callback(None)
 
     def _deliver_mixed(self, batch: list[Message]) -> Deferred[None] | None:
-        out: dict[Peer, list[bytes]] = {}
-        run: list[bytes] = []
-        count = 0
-
-        def flush_run() -> None:
-            blob = b"".join(run)
-            for peer in self.peers:
-                out.setdefault(peer, []).append(blob)
-            run.clear()
-
+        # consecutive messages to the same audience are joined once and shared, like broadcasts
+        runs: list[tuple[Message, list[bytes]]] = []
         for message in batch:
-            if message.channel is None and message.user is None and not self._floors:
-                run.append(message.frame)
-                count += len(self.peers)
-                continue
-            if run:
-                flush_run()
-            for peer in self._targets(message):
-                out.setdefault(peer, []).append(message.frame)
-                count += 1
-        if run:
-            flush_run()
+            last = runs[-1][0] if runs else None
+            if last is not None and not self._floors and (last.channel, last.user) == (message.channel, message.user):
+                runs[-1][1].append(message.frame)
+            else:
+                runs.append((message, [message.frame]))
+        out: dict[Peer, list[bytes]] = {}
+        count = 0
+        for first, frames in runs:
+            blob = frames[0] if len(frames) == 1 else b"".join(frames)
+            targets = self._targets(first)
+            for peer in targets:
+                out.setdefault(peer, []).append(blob)
+            count += len(frames) * len(targets)
         joined = [parts[0] if len(parts) == 1 else b"".join(parts) for parts in out.values()]
         self._lift_floors()
         self.stats.delivered(count, sum(map(len, joined)))
         return self._write(list(out), None, joined)
 
-    def _targets(self, message: Message) -> Iterable[Peer]:
+    def _targets(self, message: Message) -> Collection[Peer]:
+        targets: Collection[Peer]
         if message.channel is not None:
-            targets: Iterable[Peer] = self._by_channel.get(message.channel, ())
+            targets = self._by_channel.get(message.channel, ())
             if message.user is not None:
                 targets = [p for p in targets if p.user == message.user]
         elif message.user is not None:

@@ -125,3 +125,17 @@ def test_large_fan_out_is_written_a_slice_per_reactor_turn():
     assert clock.getDelayedCalls(), "the rest waits for a later reactor turn"
     clock.advance(0)
     assert all(p.writes == [b"<1>"] for p in peers) and done.called
+
+
+def test_consecutive_messages_to_one_audience_are_joined_once():
+    """A run of messages to the same channel is joined once and shared by its subscribers, in order."""
+    hub = make_hub()
+    a, b, other = FakePeer(), FakePeer(), FakePeer()
+    for p in (a, b, other):
+        hub.add(p)
+    hub.subscribe(a, "news")
+    hub.subscribe(b, "news")
+    hub.deliver([msg(1, "news"), msg(2, "news"), msg(3), msg(4, "news")])
+    assert a.writes == b.writes == [b"<1><2><3><4>"]
+    assert other.writes == [b"<3>"]
+    assert hub.stats.deliveries == 2 * 3 + 3
