@@ -192,3 +192,24 @@ async def test_allowed_origins(make_node, queue):
     assert "403" in (await refused(node.port, headers={"Origin": "https://evil.example.com"})).reason
     ok = await connect(node.port, headers={"Origin": "https://app.example.com"})
     await ok.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_messages_reach_the_user_on_every_node(make_node, queue, secret_file, redis_sync):
+    """A user-addressed message reaches that user's connections on two nodes of one queue, and nobody else."""
+    first = await make_node(queue, token_secret_file=secret_file)
+    second = await make_node(queue, token_secret_file=secret_file)
+    alice = [await connect(n.port, f"token={token(sub='alice')}") for n in (first, second)]
+    bob = [await connect(n.port, f"token={token(sub='bob')}") for n in (first, second)]
+    redis_sync.lpush(queue, json.dumps({"content": "hi alice", "user": "alice"}))
+    redis_sync.lpush(queue, json.dumps({"content": "all"}))
+    offsets = set()
+    for c in alice:
+        frame = await c.next_of("message")
+        assert frame["content"] == "hi alice"
+        offsets.add(frame["offset"])
+    assert len(offsets) == 1, "one message, one offset on every node"
+    for c in alice + bob:
+        assert (await c.next_of("message"))["content"] == "all"
+        assert c.pending() == 0
+        await c.close()
