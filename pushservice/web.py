@@ -11,7 +11,7 @@ from importlib import resources
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, task
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.web import pages, resource, server
 
@@ -135,17 +135,16 @@ class _FirstRequest(protocol.Protocol):
     def __init__(self, port: _PortFactory) -> None:
         self._port = port
         self._head = b""
-        self._deadline: Any = None
 
     def connectionMade(self) -> None:
-        self._deadline = self._port.reactor.callLater(self._port.timeout, self.transport.abortConnection)
+        self._port.waiting[self] = self._port.reactor.seconds()
 
     def dataReceived(self, data: bytes) -> None:
         self._head += data
         end = self._head.find(b"\r\n\r\n")
         if end < 0 and len(self._head) <= _MAX_HEAD:
             return
-        self._deadline.cancel()
+        self._port.waiting.pop(self, None)
         upgrade = end >= 0 and _WEBSOCKET_HEAD.match(self._head[: end + 2].lower())
         factory = self._port.websocket if upgrade else self._port.site
         successor: Any = factory.buildProtocol(self.transport.getPeer())
@@ -158,8 +157,7 @@ class _FirstRequest(protocol.Protocol):
         successor.dataReceived(self._head)
 
     def connectionLost(self, reason: Any = None) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        self._port.waiting.pop(self, None)
 
 
 class _PortFactory(protocol.ServerFactory):
@@ -172,14 +170,32 @@ class _PortFactory(protocol.ServerFactory):
         self.websocket = websocket
         self.site = site
         self.timeout = timeout
+        #: Connections still sending their request head, and since when.
+        self.waiting: dict[_FirstRequest, float] = {}
+        # one sweep a fraction of the timeout apart, not a timer per connection (handshake CPU)
+        self._sweeper = task.LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
 
     def buildProtocol(self, addr: Any) -> _FirstRequest:
         return _FirstRequest(self)
 
+    def _sweep(self) -> None:
+        expired = self.reactor.seconds() - self.timeout
+        late = []
+        for head, since in self.waiting.items():  # oldest first: insertion order
+            if since > expired:
+                break
+            late.append(head)
+        for head in late:
+            del self.waiting[head]
+            head.transport.abortConnection()
+
     def startFactory(self) -> None:
         self.site.doStart()
+        self._sweeper.start(min(1.0, self.timeout / 4), now=False)
 
     def stopFactory(self) -> None:
+        self._sweeper.stop()
         self.site.doStop()
 
 

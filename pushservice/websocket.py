@@ -72,20 +72,22 @@ class PushProtocol(WebSocketServerProtocol):
     factory: PushFactory
     transport: Any
 
+    # Defaults live on the class: an instance only stores what changes (memory per connection).
+    user: str | None = None
+    _grant: Grant | None = None
+    _query: tuple[tuple[str, ...], Offset | None] = ((), None)
+    _opened = False
+    _started = False
+    _paused_at: float | None = None
+    _paused_bytes = 0
+    _tokens = 0.0
+    _refilled = 0.0
+    _timers: tuple[Any, ...] = ()
+    _socket: Any = None
+
     def __init__(self) -> None:
         super().__init__()
-        self.user: str | None = None
         self.channels: set[str] = set()
-        self._grant: Grant | None = None
-        self._query: tuple[list[str], Offset | None] = ([], None)
-        self._opened = False
-        self._started = False
-        self._paused_at: float | None = None
-        self._paused_bytes = 0
-        self._tokens = 0.0
-        self._refilled = 0.0
-        self._timers: list[Any] = []
-        self._socket: Any = None
 
     # -- handshake ---------------------------------------------------------
 
@@ -114,7 +116,7 @@ class PushProtocol(WebSocketServerProtocol):
             for channel in channels:
                 if not f.policy.may_subscribe(self._grant, channel):
                     raise ConnectionDeny(ConnectionDeny.FORBIDDEN, f"channel {channel!r} not granted")
-        self._query = (channels, since)
+        self._query = (tuple(channels), since)
 
     def onOpen(self) -> None:
         f = self.factory
@@ -332,7 +334,7 @@ class PushProtocol(WebSocketServerProtocol):
     # -- end -----------------------------------------------------------------
 
     def _later(self, seconds: float, call: Any) -> None:
-        self._timers.append(self.factory.reactor.callLater(seconds, call))
+        self._timers += (self.factory.reactor.callLater(seconds, call),)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         for timer in self._timers:
