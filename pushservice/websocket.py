@@ -121,7 +121,7 @@ class PushProtocol(WebSocketServerProtocol):
     def onOpen(self) -> None:
         f = self.factory
         self._opened = True
-        # twisted.web's channel is still the registered producer (see FIELD-NOTES B)
+        # where twisted.web handed the connection over, its channel is still the registered producer
         self.transport.unregisterProducer()
         self.transport.registerProducer(self, True)
         if isinstance(self.transport, tcp.Connection):
