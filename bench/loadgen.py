@@ -68,6 +68,16 @@ def log(*a):
     print("[loadgen]", *a, file=sys.stderr, flush=True)
 
 
+def parse_head(head):
+    """An HTTP response head -> (lines, status line split in 3, lower-cased headers)."""
+    lines = head.split(b"\r\n")
+    headers = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(b":")
+        headers[k.strip().lower()] = v.strip()
+    return lines, lines[0].split(b" ", 2), headers
+
+
 def raise_nofile(want=200000):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
@@ -187,12 +197,7 @@ class Client(asyncio.Protocol):
             return None
         head, rest = self.hs[:i], self.hs[i + 4:]
         self.hs = None
-        lines = head.split(b"\r\n")
-        status = lines[0].split(b" ", 2)
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(b":")
-            headers[k.strip().lower()] = v.strip()
+        lines, status, headers = parse_head(head)
         accept = base64.b64encode(hashlib.sha1(self.key + GUID).digest())
         if len(status) < 2 or status[1] != b"101":
             self._fail_handshake("status %r" % lines[0][:80])
@@ -532,12 +537,7 @@ async def open_client(loop, host, port, host_hdr, path, kernel_ts):
             if len(buf) > 16384:
                 raise ConnectionError("response headers too long")
         head, _, rest = buf.partition(b"\r\n\r\n")
-        lines = head.split(b"\r\n")
-        status = lines[0].split(b" ", 2)
-        headers = {}
-        for line in lines[1:]:
-            k, _, v = line.partition(b":")
-            headers[k.strip().lower()] = v.strip()
+        lines, status, headers = parse_head(head)
         if len(status) < 2 or status[1] != b"101":
             raise ConnectionError("handshake: status %r" % lines[0][:80])
         if headers.get(b"sec-websocket-accept") != base64.b64encode(hashlib.sha1(key + GUID).digest()):

@@ -17,7 +17,6 @@ logs go to the run directory (printed at the end).
 import argparse
 import json
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -28,6 +27,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+
+from loadgen import raise_nofile  # the same limit-raising as the load generator
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -60,22 +61,6 @@ SERVERS = ("pushservice", "websockets", "picows")
 
 def log(*a):
     print("[run]", *a, file=sys.stderr, flush=True)
-
-
-def raise_nofile(want=200000):
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    try:
-        nr_open = int(open("/proc/sys/fs/nr_open").read())
-    except OSError:
-        nr_open = hard
-    target = min(want, nr_open)
-    for lim in ((target, max(hard, target)), (hard, hard)):
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, lim)
-            break
-        except (ValueError, OSError):
-            continue
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def free_port():
