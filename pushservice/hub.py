@@ -44,10 +44,6 @@ class Message:
     user: str | None
     frame: bytes
 
-    def wanted_by(self, peer: Peer, channels: Iterable[str] | None = None) -> bool:
-        wanted = peer.channels if channels is None else channels
-        return (self.channel is None or self.channel in wanted) and (self.user is None or self.user == peer.user)
-
 
 class History:
     """The most recent messages, bounded by count and bytes, for replay."""
