@@ -1,114 +1,217 @@
-"""The service's configuration: a frozen value built once from the options."""
+"""
+The service's configuration: a frozen value built once from the options.
+
+Every option lives in L{OPTIONS}, once: its name, its default (as the text a
+user would type), how the text is read, and its help line. L{Config}'s field
+defaults are those defaults read the same way, so ``twistd pushservice
+--help``, README.rst and ``Config()`` cannot disagree.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from urllib.parse import parse_qs, unquote, urlsplit
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Config", "RedisAddress", "parse_redis_url"]
+from .redisurl import RedisAddress, parse_redis_url
+
+__all__ = ["FLAGS", "OPTIONS", "Config", "Option", "RedisAddress", "parse_redis_url"]
+
+
+def size(text: str) -> int:
+    """Bytes, with an optional k/m/g suffix (powers of 1024)."""
+    text = text.strip().lower().removesuffix("b").removesuffix("i")
+    scale = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(text[-1:], 1)
+    value = int(float(text[:-1] if scale > 1 else text) * scale)
+    if value <= 0:
+        raise ValueError("must be more than 0")
+    return value
+
+
+def queue_bound(text: str) -> int:
+    """A per-connection queue bound: above Twisted's 64 KiB pause threshold, so a full socket pauses us."""
+    value = size(text)
+    if value < 128 * 1024:
+        raise ValueError("must be at least 128k (Twisted pauses a connection past 64 KiB queued)")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise ValueError("must be a whole number above 0")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be a whole number, 0 or more")
+    return value
+
+
+def seconds(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a number of seconds above 0")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = float(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return value
+
+
+def choice(*allowed: str) -> Callable[[str], str]:
+    def coerce(text: str) -> str:
+        if text not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return text
+
+    return coerce
+
+
+def text_list(text: str) -> tuple[str, ...]:
+    return tuple(item for item in (p.strip() for p in text.replace("\n", ",").split(",")) if item)
+
+
+def optional_redis(text: str) -> RedisAddress:
+    return parse_redis_url(text)
 
 
 @dataclass(frozen=True)
-class RedisAddress:
-    """Where Redis is: TCP (optionally TLS, certificate checked) or a unix socket."""
+class Option:
+    """One ``--name value`` option: its default as typed, how it is read, its help line."""
 
-    host: str = "127.0.0.1"
-    port: int = 6379
-    db: int = 0
-    username: str | None = None
-    password: str | None = None
-    unix_path: str | None = None
-    tls: bool = False
-    tls_ca_file: str | None = None
-    #: Sentinel addresses and the monitored master's name (redis+sentinel://).
-    sentinels: tuple[tuple[str, int], ...] = ()
-    service: str | None = None
+    name: str
+    default: str | None
+    coerce: Callable[[str], Any]
+    help: str
 
-    def describe(self) -> str:
-        """A printable form with the password left out."""
-        if self.sentinels:
-            hosts = ",".join(f"{h}:{p}" for h, p in self.sentinels)
-            return f"redis+sentinel://{hosts}/{self.service}/{self.db}"
-        if self.unix_path:
-            return f"unix://{self.unix_path}?db={self.db}"
-        scheme = "rediss" if self.tls else "redis"
-        return f"{scheme}://{self.host}:{self.port}/{self.db}"
+    @property
+    def field(self) -> str:
+        return self.name.replace("-", "_")
+
+    def default_value(self) -> Any:
+        return None if self.default is None else self.coerce(self.default)
 
 
-def parse_redis_url(url: str) -> RedisAddress:
-    """
-    Parse ``redis://[user:pass@]host[:port][/db]``, ``rediss://...`` (TLS; the
-    query ``ca=/path/ca.pem`` names a private CA), ``unix:///path.sock[?db=N]``
-    or ``redis+sentinel://[user:pass@]host:port[,host:port...]/master[/db]``.
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "redis",
+        None,
+        optional_redis,
+        "Redis URL: redis://[user:pass@]host:port/db, rediss://host:port/db[?ca=ca.pem] "
+        "(TLS, certificate checked), unix:///path.sock?db=N or "
+        "redis+sentinel://host:26379[,host:port...]/master/db (follows failovers). Unset: use 127.0.0.1:6379, "
+        "starting a private redis-server there if none answers.",
+    ),
+    Option("queue", "messages", str, "Redis list producers LPUSH onto."),
+    Option("max-message-size", "64k", size, "Largest client message; bigger ones get a too_large error unparsed."),
+    Option("max-frame-size", "1m", size, "Hard limit on a client frame/message: the connection is closed with 1009."),
+    Option("max-item-size", "2m", size, "Largest item producers may push; bigger ones are dead-lettered unread."),
+    Option("max-json-depth", "64", positive_int, "Deepest nesting of arrays/objects accepted in items and frames."),
+    Option("max-number-length", "100", positive_int, "Longest number (in characters) accepted in JSON."),
+    Option("ping-interval", "25", seconds, "Seconds between WebSocket pings."),
+    Option("ping-timeout", "10", seconds, "Seconds to wait for a pong before dropping the connection."),
+    Option(
+        "handshake-timeout", "5", seconds, "Seconds a client has to send its request head and finish the handshake."
+    ),
+    Option("max-connections", "25000", positive_int, "WebSocket connections per node; more get HTTP 503."),
+    Option(
+        "max-http-connections",
+        "1024",
+        positive_int,
+        "Connections still sending their request head or served as plain HTTP; more are closed at once.",
+    ),
+    Option(
+        "max-connections-per-address",
+        "512",
+        positive_int,
+        "Connections from one client address (after --trusted-proxies); more get HTTP 429.",
+    ),
+    Option("address-handshake-rate", "20", seconds, "Handshakes per second one client address may sustain..."),
+    Option("address-handshake-burst", "100", positive_int, "...with this burst; beyond: HTTP 429."),
+    Option("http-timeout", "10", seconds, "Seconds a plain HTTP connection may live (one request each)."),
+    Option(
+        "redis-timeout", "5", seconds, "Seconds Redis has to answer before a request fails or a connection is dropped."
+    ),
+    Option("history", "10000", positive_int, "Recent messages each node keeps for replay (`since`) and catch-up."),
+    Option("history-bytes", "8m", size, "Byte bound on the replay history."),
+    Option("log-maxlen", "100000", positive_int, "Log entries kept when every live node has read them."),
+    Option(
+        "log-hard-maxlen",
+        "1000000",
+        positive_int,
+        "Log entries kept at most, even when a live node lags (it then reports a gap).",
+    ),
+    Option("node-ttl", "60", seconds, "Seconds a node that stopped reading (paused, partitioned) still holds the log."),
+    Option("dead-maxlen", "10000", positive_int, "Items kept on the dead-letter list (the newest)."),
+    Option("batch", "500", positive_int, "Most items moved from the list to the log in one step."),
+    Option("linger", "0", non_negative, "Seconds at least between two fan-outs: more messages per write under load."),
+    Option(
+        "backlog",
+        "1024",
+        positive_int,
+        "Listen backlog for tcp/ssl/unix endpoints that set none (Twisted's 50 drops reconnect storms).",
+    ),
+    Option("max-subscriptions", "100", positive_int, "Channels one connection may subscribe to."),
+    Option("client-rate", "50", seconds, "Client frames per second allowed per connection (token bucket)..."),
+    Option("client-burst", "100", positive_int, "...with this burst; a reconnect does not refill it."),
+    Option(
+        "slow-client-bytes",
+        "256k",
+        queue_bound,
+        "Bytes the node queues for a connection beyond what its socket takes; past that it only keeps its place.",
+    ),
+    Option(
+        "slow-client-seconds", "10", seconds, "Seconds a connection may take nothing before it is dropped (close 3008)."
+    ),
+    Option(
+        "stall-timeout",
+        "30",
+        seconds,
+        "Seconds a Redis loop may make no progress while work waits before /healthz says 503.",
+    ),
+    Option("shutdown-timeout", "10", seconds, "Seconds a graceful shutdown may take."),
+    Option(
+        "allowed-origins",
+        "*",
+        text_list,
+        "Comma-separated browser origins allowed to connect, e.g. https://app.example.com; '*' allows all.",
+    ),
+    Option("token-secret-file", None, str, "File holding the HS256 secret for client JWTs (enables auth)."),
+    Option(
+        "client-publish",
+        "on",
+        choice("on", "off", "token"),
+        "Client publishing: on, off, or token (only with a token whose `publish` claim grants the channel).",
+    ),
+    Option("auth-timeout", "5", seconds, "Seconds a client has to send its auth frame when it must or said it would."),
+    Option(
+        "trusted-proxies", "0", non_negative_int, "Reverse proxies in front whose X-Forwarded-For entries are trusted."
+    ),
+)
 
-    @raise ValueError: with a message that says what is wrong.
-    """
-    parts = urlsplit(url)
-    query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-    try:
-        db = int(query.get("db", "0"))
-    except ValueError:
-        raise ValueError(f"db must be a number in {url!r}") from None
-    if parts.scheme == "unix":
-        if not parts.path:
-            raise ValueError(f"no socket path in {url!r}: use unix:///path/to/redis.sock")
-        return RedisAddress(
-            unix_path=parts.path,
-            db=db,
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-        )
-    if parts.scheme == "redis+sentinel":
-        return _parse_sentinel_url(url)
-    if parts.scheme not in ("redis", "rediss"):
-        raise ValueError(
-            f"unsupported Redis URL {url!r}: use redis://host:port/db, rediss://host:port/db or unix:///path.sock"
-        )
-    path = parts.path.strip("/")
-    if path:
-        if not path.isdigit():
-            raise ValueError(f"the database in {url!r} must be a number, like redis://host:6379/0")
-        db = int(path)
-    try:
-        port = parts.port or 6379
-    except ValueError:
-        raise ValueError(f"bad port in {url!r}") from None
-    return RedisAddress(
-        host=parts.hostname or "127.0.0.1",
-        port=port,
-        db=db,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-        tls=parts.scheme == "rediss",
-        tls_ca_file=query.get("ca"),
-    )
+#: ``--flag`` options: (name, Config field, value when given, help).
+FLAGS: tuple[tuple[str, str, bool, str], ...] = (
+    (
+        "require-token",
+        "require_token",
+        True,
+        "Every connection needs a valid token (query `token=` or a first auth frame).",
+    ),
+    ("no-demo", "demo", False, "Do not serve the demo page at /."),
+)
+
+_BY_NAME = {option.name: option for option in OPTIONS}
 
 
-def _parse_sentinel_url(url: str) -> RedisAddress:
-    rest = url.split("://", 1)[1]
-    credentials, _, rest = rest.rpartition("@")
-    hosts, _, path = rest.partition("/")
-    names = [p for p in path.split("/") if p]
-    if not names:
-        raise ValueError(f"name the master in {url!r}: redis+sentinel://host:26379/mymaster/0")
-    if len(names) > 2 or (len(names) == 2 and not names[1].isdigit()):
-        raise ValueError(f"expected /master[/db] after the sentinels in {url!r}")
-    sentinels = []
-    for host in hosts.split(","):
-        name, _, port = host.rpartition(":") if ":" in host else (host, "", "26379")
-        if not name or not port.isdigit():
-            raise ValueError(f"bad sentinel address {host!r} in {url!r}: use host:port")
-        sentinels.append((name, int(port)))
-    user, _, password = credentials.partition(":")
-    return RedisAddress(
-        host=sentinels[0][0],
-        port=sentinels[0][1],
-        db=int(names[1]) if len(names) == 2 else 0,
-        username=unquote(user) or None,
-        password=unquote(password) or None,
-        sentinels=tuple(sentinels),
-        service=names[0],
-    )
+def _default(name: str) -> Any:
+    return field(default=_BY_NAME[name].default_value())
 
 
 @dataclass(frozen=True)
@@ -121,41 +224,68 @@ class Config:
     """
 
     listen: tuple[str, ...] = ("tcp:8000",)
-    redis: RedisAddress | None = None
-    queue: str = "messages"
-    max_message_size: int = 64 * 1024
-    max_frame_size: int = 1024 * 1024
-    ping_interval: float = 25.0
-    ping_timeout: float = 10.0
-    handshake_timeout: float = 5.0
-    max_connections: int = 25000
-    redis_timeout: float = 5.0
-    history: int = 1000
-    history_bytes: int = 8 * 1024 * 1024
-    log_maxlen: int = 100000
-    batch: int = 500
-    backlog: int = 1024
-    linger: float = 0.0
-    max_subscriptions: int = 100
-    client_rate: float = 50.0
-    client_burst: int = 100
-    slow_client_bytes: int = 1024 * 1024
-    slow_client_seconds: float = 10.0
-    shutdown_timeout: float = 10.0
-    allowed_origins: tuple[str, ...] = ("*",)
-    token_secret_file: str | None = None
+    redis: RedisAddress | None = _default("redis")
+    queue: str = _default("queue")
+    max_message_size: int = _default("max-message-size")
+    max_frame_size: int = _default("max-frame-size")
+    max_item_size: int = _default("max-item-size")
+    max_json_depth: int = _default("max-json-depth")
+    max_number_length: int = _default("max-number-length")
+    ping_interval: float = _default("ping-interval")
+    ping_timeout: float = _default("ping-timeout")
+    handshake_timeout: float = _default("handshake-timeout")
+    max_connections: int = _default("max-connections")
+    max_http_connections: int = _default("max-http-connections")
+    max_connections_per_address: int = _default("max-connections-per-address")
+    address_handshake_rate: float = _default("address-handshake-rate")
+    address_handshake_burst: int = _default("address-handshake-burst")
+    http_timeout: float = _default("http-timeout")
+    redis_timeout: float = _default("redis-timeout")
+    history: int = _default("history")
+    history_bytes: int = _default("history-bytes")
+    log_maxlen: int = _default("log-maxlen")
+    log_hard_maxlen: int = _default("log-hard-maxlen")
+    node_ttl: float = _default("node-ttl")
+    dead_maxlen: int = _default("dead-maxlen")
+    batch: int = _default("batch")
+    linger: float = _default("linger")
+    backlog: int = _default("backlog")
+    max_subscriptions: int = _default("max-subscriptions")
+    client_rate: float = _default("client-rate")
+    client_burst: int = _default("client-burst")
+    slow_client_bytes: int = _default("slow-client-bytes")
+    slow_client_seconds: float = _default("slow-client-seconds")
+    stall_timeout: float = _default("stall-timeout")
+    shutdown_timeout: float = _default("shutdown-timeout")
+    allowed_origins: tuple[str, ...] = _default("allowed-origins")
+    token_secret_file: str | None = _default("token-secret-file")
+    client_publish: str = _default("client-publish")
+    auth_timeout: float = _default("auth-timeout")
+    trusted_proxies: int = _default("trusted-proxies")
     require_token: bool = False
-    client_publish: str = "on"
-    auth_timeout: float = 5.0
     demo: bool = True
-    trusted_proxies: int = 0
 
     @property
     def dead_key(self) -> str:
-        """The dead-letter list for items that are not valid envelopes."""
+        """The dead-letter list for items that cannot be delivered."""
         return f"{self.queue}:dead"
 
     @property
     def log_key(self) -> str:
         """The Redis stream that orders every message of the deployment."""
         return f"{self.queue}:log"
+
+    @property
+    def seq_key(self) -> str:
+        """The counter that numbers log entries contiguously (gap detection)."""
+        return f"{self.queue}:seq"
+
+    @property
+    def nodes_key(self) -> str:
+        """The set of node ids whose read positions hold back the log trim."""
+        return f"{self.queue}:nodes"
+
+    @property
+    def node_key_prefix(self) -> str:
+        """``<prefix><node id>`` holds a node's read position, with a TTL."""
+        return f"{self.queue}:node:"

@@ -8,122 +8,14 @@ before it has chosen one.
 from __future__ import annotations
 
 import configparser
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.python import usage
 
-from .config import Config, parse_redis_url
+from .config import FLAGS, OPTIONS, Config
 
 __all__ = ["Options", "makeService"]
-
-
-def _size(text: str) -> int:
-    """Bytes, with an optional k/m/g suffix (powers of 1024)."""
-    text = text.strip().lower().removesuffix("b").removesuffix("i")
-    scale = {"k": 1024, "m": 1024**2, "g": 1024**3}.get(text[-1:], 1)
-    value = int(float(text[:-1] if scale > 1 else text) * scale)
-    if value <= 0:
-        raise ValueError("must be more than 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise ValueError("must be a whole number above 0")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise ValueError("must be a number of seconds above 0")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise ValueError("must be a number of seconds, 0 or more")
-    return value
-
-
-def _choice(*allowed: str) -> Callable[[str], str]:
-    def coerce(text: str) -> str:
-        if text not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}")
-        return text
-
-    return coerce
-
-
-def _list(text: str) -> tuple[str, ...]:
-    return tuple(item for item in (p.strip() for p in text.replace("\n", ",").split(",")) if item)
-
-
-# (long name, default, coerce, help); the Config field is the name with "_".
-_PARAMETERS: list[tuple[str, str | None, Callable[[str], Any], str]] = [
-    (
-        "redis",
-        None,
-        parse_redis_url,
-        "Redis URL: redis://[user:pass@]host:port/db, rediss://host:port/db[?ca=ca.pem] "
-        "(TLS, certificate checked), unix:///path.sock?db=N or "
-        "redis+sentinel://host:26379[,host:port...]/master/db (follows failovers). Unset: use 127.0.0.1:6379, "
-        "starting a private redis-server there if none answers.",
-    ),
-    ("queue", "messages", str, "Redis list producers LPUSH onto."),
-    ("max-message-size", "64k", _size, "Largest client message; bigger ones get a too_large error."),
-    ("max-frame-size", "1m", _size, "Hard limit on a client frame/message: the connection is closed with 1009."),
-    ("ping-interval", "25", _seconds, "Seconds between WebSocket pings."),
-    ("ping-timeout", "10", _seconds, "Seconds to wait for a pong before dropping the connection."),
-    ("handshake-timeout", "5", _seconds, "Seconds a client has to finish the WebSocket handshake."),
-    ("max-connections", "25000", _positive_int, "WebSocket connections per node; more get HTTP 503."),
-    ("redis-timeout", "5", _seconds, "Seconds Redis has to confirm a client publish before `unavailable`."),
-    ("history", "1000", _positive_int, "Recent messages each node keeps for replay (`since`)."),
-    ("history-bytes", "8m", _size, "Byte bound on the replay history."),
-    ("log-maxlen", "100000", _positive_int, "Approximate length the Redis stream (the ordered log) is trimmed to."),
-    ("batch", "500", _positive_int, "Most items moved from the list to the log in one step."),
-    ("linger", "0", _non_negative, "Seconds at least between two fan-outs: more messages per write under load."),
-    (
-        "backlog",
-        "1024",
-        _positive_int,
-        "Listen backlog for tcp/ssl/unix endpoints that set none (Twisted's 50 drops reconnect storms).",
-    ),
-    ("max-subscriptions", "100", _positive_int, "Channels one connection may subscribe to."),
-    ("client-rate", "50", _seconds, "Client frames per second allowed per connection (token bucket)."),
-    ("client-burst", "100", _positive_int, "Burst size of that token bucket."),
-    (
-        "slow-client-bytes",
-        "1m",
-        _size,
-        "Bytes queued for a client that is not reading before it is dropped (close 3008).",
-    ),
-    ("slow-client-seconds", "10", _seconds, "Seconds a client may stay unable to take data before it is dropped."),
-    ("shutdown-timeout", "10", _seconds, "Seconds a graceful shutdown may take."),
-    (
-        "allowed-origins",
-        "*",
-        _list,
-        "Comma-separated browser origins allowed to connect, e.g. https://app.example.com; '*' allows all.",
-    ),
-    ("token-secret-file", None, str, "File holding the HS256 secret for client JWTs (enables auth)."),
-    (
-        "client-publish",
-        "on",
-        _choice("on", "off", "token"),
-        "Client publishing: on, off, or token (only with a token whose `publish` claim grants the channel).",
-    ),
-    ("auth-timeout", "5", _seconds, "Seconds a client has to send its auth frame when tokens are required."),
-    ("trusted-proxies", "0", int, "Number of reverse proxies whose X-Forwarded-For is trusted for client addresses."),
-]
-_FLAGS = [
-    ("require-token", "Every connection needs a valid token (query `token=` or a first auth frame)."),
-    ("no-demo", "Do not serve the demo page at /."),
-]
 
 
 class Options(usage.Options):
@@ -135,10 +27,10 @@ class Options(usage.Options):
         "Every option can also come from an INI file given with --config (a [pushservice] "
         "section, names as the long options); the command line wins."
     )
-    optParameters = [[name, None, default, doc] for name, default, _, doc in _PARAMETERS] + [
+    optParameters = [[o.name, None, o.default, o.help] for o in OPTIONS] + [
         ["config", "c", None, "INI file with a [pushservice] section of option = value lines."],
     ]
-    optFlags = [[name, None, doc] for name, doc in _FLAGS]
+    optFlags = [[name, None, doc] for name, _, _, doc in FLAGS]
 
     def __init__(self) -> None:
         super().__init__()
@@ -163,34 +55,33 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         values: dict[str, Any] = {}
-        for name, _, coerce, _ in _PARAMETERS:
-            raw = self[name]
+        for option in OPTIONS:
+            raw = self[option.name]
             if raw is None:
                 continue
             try:
-                values[name.replace("-", "_")] = coerce(raw) if isinstance(raw, str) else raw
+                values[option.field] = option.coerce(raw) if isinstance(raw, str) else raw
             except ValueError as e:
-                raise usage.UsageError(f"--{name}={raw!r}: {e}") from None
+                raise usage.UsageError(f"--{option.name}={raw!r}: {e}") from None
+        for name, field, given, _ in FLAGS:
+            values[field] = given if self[name] else not given
         listen = tuple(self["listen"]) or ("tcp:8000",)
         for endpoint in listen:
             _check_endpoint(endpoint)
         secret = values.get("token_secret_file")
-        if secret is not None and not os.access(secret, os.R_OK):
-            raise usage.UsageError(f"--token-secret-file: cannot read {secret!r}")
-        if self["require-token"] and secret is None:
+        if values["require_token"] and secret is None:
             raise usage.UsageError("--require-token needs --token-secret-file")
         if values.get("client_publish") == "token" and secret is None:
             raise usage.UsageError("--client-publish=token needs --token-secret-file")
         if values["max_message_size"] > values["max_frame_size"]:
             raise usage.UsageError("--max-message-size must not exceed --max-frame-size")
+        if values["log_hard_maxlen"] < values["log_maxlen"]:
+            raise usage.UsageError("--log-hard-maxlen must not be under --log-maxlen")
         if not values["queue"]:
             raise usage.UsageError("--queue must not be empty")
-        self.config = Config(
-            listen=listen,
-            require_token=bool(self["require-token"]),
-            demo=not self["no-demo"],
-            **values,
-        )
+        if secret is not None:
+            _check_secret(secret)
+        self.config = Config(listen=listen, **values)
 
 
 def _find_config(args: list[str]) -> str | None:
@@ -212,8 +103,8 @@ def _read_config(path: str) -> list[str]:
         raise usage.UsageError(f"--config {path}: {e}") from None
     if not parser.has_section("pushservice"):
         raise usage.UsageError(f"--config {path}: no [pushservice] section")
-    params = {name for name, *_ in _PARAMETERS} | {"listen"}
-    flags = {name for name, _ in _FLAGS}
+    params = {o.name for o in OPTIONS} | {"listen"}
+    flags = {name for name, *_ in FLAGS}
     args = []
     for name, value in parser.items("pushservice"):
         if name == "listen":
@@ -232,12 +123,12 @@ def _read_config(path: str) -> list[str]:
 
 def _check_endpoint(description: str) -> None:
     """Reject an endpoint string Twisted cannot parse, before twistd daemonizes."""
-    from twisted.internet import endpoints
+    from ._internals import parse_server_endpoint
 
     kind = description.split(":", 1)[0]
     if kind in ("tcp", "tcp6", "unix", "ssl", "systemd", "haproxy", "tls"):
         try:
-            _, parsed_args, _ = endpoints._parseServer(description, None)  # type: ignore[attr-defined]
+            _, parsed_args, _ = parse_server_endpoint(description)
         except Exception as e:
             raise usage.UsageError(f"--listen {description!r}: {e}") from None
         if kind in ("tcp", "tcp6") and not (parsed_args and str(parsed_args[0]).isdigit()):
@@ -247,6 +138,17 @@ def _check_endpoint(description: str) -> None:
         f"--listen {description!r}: not a Twisted endpoint (try tcp:8000, "
         "ssl:8443:privateKey=key.pem, unix:/run/pushservice.sock or systemd:domain=INET6:index=0)"
     )
+
+
+def _check_secret(path: str) -> None:
+    """An unreadable or empty secret is a start-up error with a message, not a traceback later."""
+    try:
+        with open(path, "rb") as f:
+            secret = f.read().strip()
+    except OSError as e:
+        raise usage.UsageError(f"--token-secret-file: cannot read {path!r}: {e.strerror}") from None
+    if not secret:
+        raise usage.UsageError(f"--token-secret-file: {path!r} is empty; put a long random secret in it")
 
 
 def makeService(options: Options):  # type: ignore[no-untyped-def]

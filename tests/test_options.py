@@ -11,7 +11,8 @@ import pytest
 from twisted.python import usage
 
 from pushservice.config import Config, RedisAddress, parse_redis_url
-from pushservice.tap import _FLAGS, _PARAMETERS, Options
+from pushservice.config import FLAGS, OPTIONS
+from pushservice.tap import Options
 
 TWISTD = Path(sys.executable).with_name("twistd")
 
@@ -76,10 +77,10 @@ def test_get_plugins_finds_pushservice() -> None:
 def test_help_documents_every_option() -> None:
     """`twistd pushservice --help` names every parameter and flag, each with a description."""
     text = str(Options())
-    for name, _, _, doc in _PARAMETERS:
-        assert f"--{name}=" in text, name
-        assert doc.strip()
-    for name, doc in _FLAGS:
+    for option in OPTIONS:
+        assert f"--{option.name}=" in text, option.name
+        assert option.help.strip()
+    for name, _, _, doc in FLAGS:
         assert f"--{name}" in text, name
         assert doc.strip()
     assert "--listen=" in text and "--config=" in text
@@ -97,7 +98,10 @@ def test_defaults_give_the_documented_config() -> None:
     assert config.queue == "messages"
     assert config.max_message_size == 64 * 1024
     assert config.max_frame_size == 1024 * 1024
-    assert config.slow_client_bytes == 1024 * 1024
+    assert config.slow_client_bytes == 256 * 1024
+    assert config.max_item_size == 2 * 1024 * 1024
+    assert (config.max_json_depth, config.max_number_length) == (64, 100)
+    assert (config.history, config.log_maxlen, config.log_hard_maxlen) == (10000, 100000, 1000000)
     assert config.redis_timeout == 5.0
     assert config.shutdown_timeout == 10.0
     assert config.allowed_origins == ("*",)
@@ -145,7 +149,7 @@ def test_values_are_coerced() -> None:
         "--client-burst",
         "6",
         "--slow-client-bytes",
-        "100k",
+        "200k",
         "--slow-client-seconds",
         "4",
         "--shutdown-timeout",
@@ -178,7 +182,7 @@ def test_values_are_coerced() -> None:
         max_subscriptions=4,
         client_rate=2.5,
         client_burst=6,
-        slow_client_bytes=100 * 1024,
+        slow_client_bytes=200 * 1024,
         slow_client_seconds=4.0,
         shutdown_timeout=3.0,
         allowed_origins=("https://a.example", "https://b.example"),
@@ -192,13 +196,13 @@ def test_values_are_coerced() -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("64k", 64 * 1024),
+        ("128k", 128 * 1024),
         ("1m", 1024**2),
         ("1M", 1024**2),
         ("1g", 1024**3),
-        ("512", 512),
-        ("1.5k", 1536),
-        ("64KiB", 64 * 1024),
+        ("262144", 262144),
+        ("128.5k", 131584),
+        ("256KiB", 256 * 1024),
         ("2mb", 2 * 1024**2),
     ],
 )
@@ -214,6 +218,10 @@ def test_size_suffixes(text: str, expected: int) -> None:
         (["--max-message-size", "0"], "--max-message-size"),
         (["--max-frame-size", "lots"], "--max-frame-size"),
         (["--slow-client-bytes", "-5k"], "--slow-client-bytes"),
+        (["--slow-client-bytes", "64k"], "--slow-client-bytes"),
+        (["--log-maxlen", "10", "--log-hard-maxlen", "9"], "--log-hard-maxlen"),
+        (["--max-json-depth", "0"], "--max-json-depth"),
+        (["--max-item-size", "0"], "--max-item-size"),
         (["--history-bytes", "1x"], "--history-bytes"),
         (["--history", "-3"], "--history"),
         (["--history", "ten"], "--history"),
@@ -415,5 +423,5 @@ def test_bad_redis_urls(url: str) -> None:
 def test_readme_documents_every_option() -> None:
     """README.rst's options table names every option twistd pushservice accepts."""
     readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
-    for name in [n for n, *_ in _PARAMETERS] + [n for n, _ in _FLAGS] + ["listen", "config"]:
+    for name in [o.name for o in OPTIONS] + [n for n, *_ in FLAGS] + ["listen", "config"]:
         assert f"``--{name}``" in readme, name
