@@ -12,15 +12,26 @@ Server to client:
     {"type":"ack","id":...}
     {"type":"subscribed","channel":str,"id"?:...,"recovered"?:bool}
     {"type":"unsubscribed","channel":str,"id"?:...}
+    {"type":"resumed","since":"<offset>","recovered":bool}     the connect query's since
+    {"type":"gap","reason":"trimmed"|"reset","missed":int|null,"offset":"<next>"}
     {"type":"error","id"?:...,"code":str,"message":str}
+
+A frame is checked in this order, each step bounding the cost of the next:
+its size (C{too_large}, unparsed), then its nesting depth and number sizes
+(strict JSON, see L{pushservice.strictjson}), then its fields. A frame that is
+not parsed (too large, rate limited) has its id echoed only when ``id`` is its
+first member, which the browser client always does.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import struct
 from dataclasses import dataclass
 from typing import Any
+
+from .strictjson import JSONRules, StrictJSONError, dumps
 
 __all__ = [
     "Auth",
@@ -32,10 +43,15 @@ __all__ = [
     "WireError",
     "check_channel",
     "encode",
+    "envelope",
     "error_frame",
-    "message_frame",
+    "format_offset",
+    "leading_id",
+    "message_payload",
     "parse_offset",
     "parse_request",
+    "reply_frame",
+    "text_frame",
 ]
 
 MAX_CHANNEL = 255
@@ -86,26 +102,41 @@ class Auth:
 Request = Publish | Subscribe | Unsubscribe | Auth
 
 
+_OFFSET = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
+
+
 def parse_offset(text: object) -> Offset:
     """``"1700000000000-3"`` -> ``(1700000000000, 3)``; a bare ``"17"`` means ``(17, 0)``."""
-    if not isinstance(text, str) or len(text) > 41:
+    if not isinstance(text, str):
         raise ValueError('an offset is a string like "1700000000000-0"')
-    ms, _, seq = text.partition("-")
-    if not ms.isdigit() or not (seq.isdigit() or seq == ""):
-        raise ValueError(f'bad offset {text!r}: expected "<ms>-<seq>"')
-    return int(ms), int(seq or 0)
+    match = _OFFSET.fullmatch(text)
+    if match is None:
+        raise ValueError(f'bad offset {text[:50]!r}: expected "<ms>-<seq>"')
+    return int(match.group(1)), int(match.group(2) or 0)
 
 
 def format_offset(offset: Offset) -> str:
     return f"{offset[0]}-{offset[1]}"
 
 
+_GLOB = re.compile(r"[*?\[\]]")
+
+
 def check_channel(channel: object) -> str:
-    """Return the channel name if it is one: a non-empty string of at most 255 bytes."""
+    """
+    Return the channel name if it is one: a non-empty string of at most 255
+    bytes without ``*?[]`` (those are for the grant patterns in tokens).
+    """
     if not isinstance(channel, str) or not channel:
         raise ValueError("channel must be a non-empty string")
-    if len(channel.encode("utf-8", "surrogatepass")) > MAX_CHANNEL:
+    try:
+        size = len(channel.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError("channel must be valid Unicode (no lone surrogates)") from None
+    if size > MAX_CHANNEL:
         raise ValueError(f"channel names are at most {MAX_CHANNEL} bytes")
+    if _GLOB.search(channel):
+        raise ValueError("channel names may not contain * ? [ or ]")
     return channel
 
 
@@ -122,55 +153,43 @@ def _request_id(frame: dict[str, Any]) -> RequestId:
     return rid
 
 
-def _not_json(constant: str) -> Any:
-    raise ValueError(f"{constant} is not JSON")
+# "id" as the first member of the frame: read without parsing the rest
+_LEADING_ID = re.compile(rb'\s*\{\s*"id"\s*:\s*(-?(?:0|[1-9][0-9]{0,15})|"(?:[^"\\\x00-\x1f]|\\.){1,128}")\s*[,}]')
 
 
-# an escaped UTF-16 surrogate; only a lone one is a problem (Redis's cjson refuses it, so the
-# envelope would be delivered as a raw string to every connection, whatever its channel)
-_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
-
-
-def _has_lone_surrogate(frame: Any) -> bool:
-    try:
-        json.dumps(frame, ensure_ascii=False).encode("utf-8")
-    except (UnicodeEncodeError, RecursionError):
-        return True
-    return False
-
-
-def peek_id(payload: bytes, is_binary: bool, max_size: int) -> RequestId:
-    """The id of a frame that will not be served (rate limited), if it has a valid one."""
-    if is_binary or len(payload) > max_size:
+def leading_id(payload: bytes) -> RequestId:
+    """The id of a frame that is not parsed (too large, rate limited), if it is the first member."""
+    match = _LEADING_ID.match(payload)
+    if match is None:
         return None
     try:
-        frame = json.loads(payload)
-        return _request_id(frame) if isinstance(frame, dict) else None
-    except (ValueError, RecursionError, WireError):
+        rid = json.loads(match.group(1))
+        return _request_id({"id": rid})
+    except (ValueError, WireError):
         return None
 
 
-def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
+def parse_request(payload: bytes, is_binary: bool, max_size: int, rules: JSONRules) -> Request:
     """
-    Parse one client frame.
+    Parse one client frame: size first, then strict JSON, then the fields.
 
-    @raise WireError: ``bad_request`` for anything malformed, ``too_large``
-        for a frame over C{max_size} bytes; carries the frame's id if it had one.
+    @raise WireError: ``too_large`` for a frame over C{max_size} bytes (not
+        parsed), ``bad_request`` for anything malformed; carries the
+        frame's id where it is known.
     """
     if is_binary:
-        raise WireError("bad_request", "binary frames are not accepted: send JSON text")
+        raise WireError("bad_request", "binary frames are not accepted: send JSON text", leading_id(payload))
+    if len(payload) > max_size:
+        raise WireError("too_large", f"message is over the {max_size} byte limit", leading_id(payload))
     try:
-        # NaN/Infinity are not JSON: relayed, they would break every browser's JSON.parse
-        frame = json.loads(payload, parse_constant=_not_json)
-    except (ValueError, RecursionError):
-        raise WireError("bad_request", "frame is not valid JSON") from None
+        frame = rules.loads(payload.decode("utf-8"))
+    except UnicodeDecodeError:  # Autobahn validates UTF-8 first; this is for callers that do not
+        raise WireError("bad_request", "frame is not UTF-8 text") from None
+    except StrictJSONError as e:
+        raise WireError("bad_request", f"frame is not valid JSON: {e}", leading_id(payload)) from None
     if not isinstance(frame, dict):
         raise WireError("bad_request", 'frame must be a JSON object with a "type"')
     rid = _request_id(frame)
-    if len(payload) > max_size:
-        raise WireError("too_large", f"message is over the {max_size} byte limit", rid)
-    if _SURROGATE_ESCAPE.search(payload) and _has_lone_surrogate(frame):
-        raise WireError("bad_request", "text holds a lone surrogate (an unpaired \\ud800-\\udfff escape)", rid)
     kind = frame.get("type")
     try:
         if kind == "message":
@@ -196,15 +215,8 @@ def parse_request(payload: bytes, is_binary: bool, max_size: int) -> Request:
 
 
 def encode(frame: dict[str, Any]) -> bytes:
-    """Compact UTF-8 JSON; escapes only where a lone surrogate makes UTF-8 impossible."""
-    try:
-        return json.dumps(frame, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(frame, separators=(",", ":")).encode("ascii")
-
-
-def message_frame(content: Any, channel: str | None, offset: str) -> bytes:
-    return encode({"type": "message", "content": content, "channel": channel, "offset": offset})
+    """Compact UTF-8 JSON (strict: a frame that cannot be encoded is a bug, not something to relay)."""
+    return dumps(frame)
 
 
 def error_frame(code: str, message: str, request_id: RequestId = None) -> bytes:
@@ -227,3 +239,23 @@ def envelope(content: Any, channel: str | None) -> bytes:
     if channel is not None:
         item["channel"] = channel
     return encode(item)
+
+
+def message_payload(content_json: bytes, channel: str | None, offset: bytes) -> bytes:
+    """A ``message`` frame from already-encoded content: no parsing, one join."""
+    channel_json = b"null" if channel is None else dumps(channel)
+    return b"".join(
+        (b'{"type":"message","content":', content_json, b',"channel":', channel_json, b',"offset":"', offset, b'"}')
+    )
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unmasked WebSocket text frame (RFC 6455), built once and sendable to any connection."""
+    size = len(payload)
+    if size < 126:
+        head = bytes((0x81, size))
+    elif size < 65536:
+        head = struct.pack("!BBH", 0x81, 126, size)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, size)
+    return head + payload

@@ -8,6 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pushservice.strictjson import JSONRules
 from pushservice.wire import (
     MAX_CHANNEL,
     Auth,
@@ -19,24 +20,27 @@ from pushservice.wire import (
     encode,
     error_frame,
     format_offset,
-    message_frame,
+    leading_id,
+    message_payload,
     parse_offset,
     parse_request,
     reply_frame,
+    text_frame,
 )
 
 LIMIT = 64 * 1024
+RULES = JSONRules(max_depth=64, max_number=100)
 
 
 def parse(frame: object, limit: int = LIMIT) -> object:
     payload = frame if isinstance(frame, bytes) else json.dumps(frame).encode()
-    return parse_request(payload, False, limit)
+    return parse_request(payload, False, limit, RULES)
 
 
 def bad(frame: object, code: str = "bad_request", limit: int = LIMIT, binary: bool = False) -> WireError:
     payload = frame if isinstance(frame, bytes) else json.dumps(frame).encode()
     with pytest.raises(WireError) as info:
-        parse_request(payload, binary, limit)
+        parse_request(payload, binary, limit, RULES)
     assert info.value.code == code, (frame, info.value.code, info.value.message)
     assert isinstance(info.value.message, str) and info.value.message
     return info.value
@@ -102,18 +106,61 @@ def test_not_an_object_is_bad_request(value):
 
 
 def test_nan_and_infinity_are_not_json():
-    """NaN / Infinity are not JSON (RFC 8259): rejected, not relayed to browsers that cannot parse them."""
+    """NaN / Infinity, and numbers that overflow a double (1e999), are bad_request: browsers cannot parse them."""
     for payload in (
         b'{"type":"message","content":NaN}',
         b'{"type":"message","content":[Infinity]}',
         b'{"type":"message","content":-Infinity,"id":3}',
+        b'{"type":"message","content":1e999}',
+        b'{"type":"message","content":[-1e999]}',
+        b'{"type":"message","content":1e400,"id":4}',
     ):
         bad(payload)
 
 
-def test_deep_nesting_is_bad_request():
-    """A frame nested deeper than the parser allows is a bad_request, not a RecursionError."""
+def test_depth_limit_is_explicit():
+    """64 levels (counting the frame itself) are accepted, 65 are a bad_request, whatever the interpreter."""
+    ok = b'{"type":"message","content":' + b"[" * 63 + b"]" * 63 + b"}"
+    assert parse(ok).content is not None
+    err = bad(b'{"id":5,"type":"message","content":' + b"[" * 64 + b"]" * 64 + b"}")
+    assert err.request_id == 5 and "nested deeper than 64" in err.message
     bad(b'{"type":"message","content":' + b"[" * 100000 + b"]" * 100000 + b"}", limit=10**6)
+
+
+def test_numbers_are_bounded_in_length():
+    """A number longer than 100 characters is a bad_request (Python's int limit never comes into play)."""
+    assert parse(b'{"type":"message","content":' + b"9" * 100 + b"}").content == int("9" * 100)
+    bad(b'{"type":"message","content":' + b"9" * 101 + b"}")
+    bad(b'{"type":"message","content":' + b"1" * 5000 + b"}")
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"type":"message","content":"a\tb"}'.replace(b"\\t", b"\t"),
+        b'{"type":"message","content":"tab\there"}'.replace(b"\\t", b"\t"),
+        b'{"type":"message","content":007}',
+        b'{"type":"message","content":+1}',
+        b'{"type":"message","content":.5}',
+        b'{"type":"message","content":1.}',
+        b'{"type":"message","content":0x10}',
+        b'{"type":"message","content":1} x',
+        b'{"type":"message","content":1}\x00',
+        b'{"type":"message","type":"subscribe","channel":"a"}',
+        b'\xef\xbb\xbf{"type":"message","content":1}',
+    ],
+)
+def test_sloppy_json_is_bad_request(payload):
+    """Raw control characters, leading zeros, signs, bare dots, hex, trailing bytes, duplicate names, BOM: refused."""
+    bad(payload)
+
+
+def test_glob_characters_are_not_channel_names():
+    """Channel names with * ? [ ] are refused, so a name can never widen a token's grant pattern."""
+    for name in ("news*", "a?b", "[x]", "private:*", "]"):
+        bad({"type": "subscribe", "channel": name, "id": 1})
+        with pytest.raises(ValueError):
+            check_channel(name)
 
 
 def test_missing_type_carries_id():
@@ -187,18 +234,40 @@ def test_binary_frame_is_bad_request():
     bad(json.dumps({"type": "subscribe", "channel": "a", "id": 1}).encode(), binary=True)
 
 
-def test_too_large_carries_id():
-    """A frame over max_size is too_large and carries the id; one at max_size is accepted."""
-    frame = {"type": "message", "content": "x" * 200, "id": "big"}
+def test_too_large_carries_a_leading_id():
+    """A frame over max_size is too_large unparsed, with the id when it is the first member; at max_size it is accepted."""
+    frame = {"id": "big", "type": "message", "content": "x" * 200}
     size = len(json.dumps(frame).encode())
     err = bad(frame, code="too_large", limit=size - 1)
     assert err.request_id == "big"
     assert parse(frame, limit=size) == Publish("big", "x" * 200, None)
 
 
-def test_too_large_without_id():
-    """A too_large frame without id has request_id None."""
-    assert bad({"type": "message", "content": "x" * 100}, code="too_large", limit=50).request_id is None
+def test_too_large_is_not_parsed():
+    """An oversized frame is refused before parsing: an id that is not first, or broken JSON, does not matter."""
+    assert bad({"type": "message", "content": "x" * 100, "id": 7}, code="too_large", limit=50).request_id is None
+    assert bad(b'{"id":3,' + b"[" * 5000, code="too_large", limit=100).request_id == 3
+
+
+@pytest.mark.parametrize(
+    "payload, rid",
+    [
+        (b'{"id":1,"type":"x"}', 1),
+        (b' { "id" : "a b" , "type":"x"}', "a b"),
+        (b'{"id":"\\u00e9"}', "\u00e9"),
+        (b'{"id":-9007199254740992,"x":1}', -(2**53)),
+        (b'{"type":"x","id":1}', None),
+        (b'{"id":1.5,"type":"x"}', None),
+        (b'{"id":true,"type":"x"}', None),
+        (b'{"id":"' + b"x" * 129 + b'","type":"x"}', None),
+        (b'{"id":01,"type":"x"}', None),
+        (b'{"id":"a', None),
+        (b"[1]", None),
+    ],
+)
+def test_leading_id(payload, rid):
+    """leading_id reads an id that is the first member, and nothing else."""
+    assert leading_id(payload) == rid
 
 
 # -- offsets ---------------------------------------------------------------------
@@ -212,7 +281,7 @@ def test_offsets_parse_format_and_order():
     assert format_offset(parse_offset("1700000000000-3")) == "1700000000000-3"
     assert parse_offset("9-5") < parse_offset("10-0") < parse_offset("10-1") < parse_offset("10-10")
     assert "9-5" > "10-0"  # why they must be compared as tuples
-    for bad_offset in ("", "a-1", "1-a", "-", "1--1", None, 5, "1" * 42):
+    for bad_offset in ("", "a-1", "1-a", "-", "1--1", None, 5, "1" * 42, "١٢-٣", "1-2 "):
         with pytest.raises(ValueError):
             parse_offset(bad_offset)
 
@@ -220,7 +289,7 @@ def test_offsets_parse_format_and_order():
 def test_check_channel():
     """check_channel returns a valid name and raises ValueError otherwise."""
     assert check_channel("a") == "a"
-    for value in ("", None, 3, "x" * 256):
+    for value in ("", None, 3, "x" * 256, "a\ud800"):
         with pytest.raises(ValueError):
             check_channel(value)
 
@@ -233,19 +302,25 @@ def test_encode_compact_utf8():
     assert encode({"a": "é", "b": [1, 2]}) == '{"a":"é","b":[1,2]}'.encode()
 
 
-def test_encode_lone_surrogate_does_not_crash():
-    """Content with a lone surrogate encodes (escaped) to valid UTF-8 JSON that round-trips."""
-    data = encode({"content": "a\ud800b", "channel": "\udfff"})
-    data.decode("utf-8")  # valid UTF-8
-    assert json.loads(data) == {"content": "a\ud800b", "channel": "\udfff"}
-    frame = message_frame("x\ud83d", None, "1-0")
-    assert json.loads(frame)["content"] == "x\ud83d"
-    assert json.loads(error_frame("bad_request", "bad \udc80", 3)) == {
-        "type": "error",
-        "code": "bad_request",
-        "message": "bad \udc80",
-        "id": 3,
-    }
+def test_encode_refuses_what_browsers_cannot_parse():
+    """encode refuses lone surrogates and non-finite floats: nothing parsed strictly produces them."""
+    for value in ({"content": "a\ud800b"}, {"content": float("nan")}, {"x": [float("inf")]}):
+        with pytest.raises(ValueError):
+            encode(value)
+
+
+def test_message_payload_is_spliced_json():
+    """A message frame is joined from encoded content, channel and offset, and parses back."""
+    payload = message_payload(b'{"a":[1,"\xc3\xa9"]}', "n\u00e9ws", b"17-3")
+    assert json.loads(payload) == {"type": "message", "content": {"a": [1, "é"]}, "channel": "néws", "offset": "17-3"}
+    assert json.loads(message_payload(b'"x"', None, b"1-0"))["channel"] is None
+
+
+def test_text_frames():
+    """Text frames use the 7-bit, 16-bit and 64-bit length forms, unmasked."""
+    assert text_frame(b"hi") == b"\x81\x02hi"
+    assert text_frame(b"x" * 126)[:4] == b"\x81\x7e\x00\x7e"
+    assert text_frame(b"x" * 65536)[:10] == b"\x81\x7f" + (65536).to_bytes(8, "big")
 
 
 def test_reply_and_error_frames():
@@ -256,12 +331,12 @@ def test_reply_and_error_frames():
 
 
 def test_lone_surrogate_is_bad_request():
-    """An unpaired surrogate escape anywhere in a frame is a bad_request carrying the id (Redis cannot relay it)."""
+    """An unpaired surrogate escape anywhere in a frame is a bad_request (it has no UTF-8 form), with a leading id."""
     for payload in (
-        b'{"type":"message","content":"a\\ud800b","id":1}',
-        b'{"type":"message","content":{"k":["\\uDFFF"]},"id":1}',
-        b'{"type":"message","content":"x","channel":"\\ud800","id":1}',
-        b'{"type":"subscribe","channel":"\\udbff","id":1}',
+        b'{"id":1,"type":"message","content":"a\\ud800b"}',
+        b'{"id":1,"type":"message","content":{"k":["\\uDFFF"]}}',
+        b'{"id":1,"type":"message","content":"x","channel":"\\ud800"}',
+        b'{"id":1,"type":"subscribe","channel":"\\udbff"}',
     ):
         assert bad(payload).request_id == 1, payload
 
@@ -295,7 +370,7 @@ frames = st.fixed_dictionaries(
 
 def _only_wire_errors(payload: bytes, binary: bool, limit: int) -> None:
     try:
-        request = parse_request(payload, binary, limit)
+        request = parse_request(payload, binary, limit, RULES)
     except WireError as e:
         assert e.code in ("bad_request", "too_large")
         assert e.request_id is None or isinstance(e.request_id, (str, int))
