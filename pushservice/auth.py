@@ -4,7 +4,14 @@ Tokens and channel permissions, pure (no Twisted).
 A token is an HS256 JWT with claims ``sub`` (the user), ``exp``, and optional
 ``channels`` / ``publish``: lists of shell-style patterns (``news.*``) of
 channels the holder may subscribe to / publish on, beyond the public ones.
-Channels named ``private:...`` are only for holders whose token grants them.
+
+What a pattern grants, exactly:
+  - a channel named ``private:...`` only if the pattern itself starts with
+    ``private:`` (so ``*`` or ``*:admin`` never grant a private channel);
+  - other channels by shell-style matching (``*``, ``?``, ``[...]``);
+  - broadcasts (``publish`` only) by the entry ``*`` itself.
+Channel names cannot hold ``*?[]`` (see L{pushservice.wire.check_channel}), so
+a name never widens a pattern.
 """
 
 from __future__ import annotations
@@ -82,6 +89,8 @@ class Policy:
 
     @staticmethod
     def _granted(patterns: tuple[str, ...], channel: str) -> bool:
+        if channel.startswith(PRIVATE_PREFIX):
+            return any(p.startswith(PRIVATE_PREFIX) and fnmatchcase(channel, p) for p in patterns)
         return any(fnmatchcase(channel, p) for p in patterns)
 
     def may_subscribe(self, grant: Grant | None, channel: str) -> bool:
@@ -90,13 +99,16 @@ class Policy:
         return grant is not None and self._granted(grant.channels, channel)
 
     def may_publish(self, grant: Grant | None, channel: str | None) -> bool:
-        """A broadcast (no channel) is checked as the channel name ``*``."""
+        """A broadcast (no channel) needs the entry ``*`` when a grant is needed."""
         if self.client_publish == "off":
             return False
-        target = "*" if channel is None else channel
-        if self.client_publish == "on" and not target.startswith(PRIVATE_PREFIX):
+        if self.client_publish == "on" and (channel is None or not channel.startswith(PRIVATE_PREFIX)):
             return True
-        return grant is not None and self._granted(grant.publish, target)
+        if grant is None:
+            return False
+        if channel is None:
+            return "*" in grant.publish
+        return self._granted(grant.publish, channel)
 
 
 _DEFAULT_PORTS = {"http": "80", "https": "443", "ws": "80", "wss": "443"}

@@ -1,28 +1,35 @@
 """
-Connections, subscriptions, the replay history and delivery: no Redis, no
-sockets. The bus hands the hub batches of messages in log order; the hub
-writes each connection's share of a batch with one ``push`` call.
+Connections, subscriptions and delivery of log batches: no Redis, no
+sockets. The tailer hands the hub batches of messages in log order; the hub
+appends them to the history and hands each live connection its share with
+one write (see L{pushservice.outbox} for connections that are not live).
 """
 
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .history import History
+from .logentry import Message
 from .metrics import Stats
+from .outbox import Outbox
 from .wire import Offset
 
-__all__ = ["History", "Hub", "Message", "Peer", "SLICE"]
+__all__ = ["SLICE", "SHARE_LIMIT", "Hub", "Peer"]
 
 #: Connections written per reactor turn: a fan-out never holds the reactor
 #: longer than this many sends (~10 us each on loopback).
 SLICE = 256
+#: A connection's share of a mixed batch is joined into one write up to this
+#: size; a bigger share is read from history instead (no per-connection copy).
+SHARE_LIMIT = 64 * 1024
 
 
 class Peer(Protocol):
@@ -30,55 +37,20 @@ class Peer(Protocol):
 
     user: str | None
     channels: set[str]
-
-    def push(self, data: bytes) -> None:
-        """Queue already-framed bytes for the client (never raises)."""
+    outbox: Outbox
 
 
-@dataclass(frozen=True, slots=True)
-class Message:
-    """One entry of the ordered log, framed once for every receiver."""
+@dataclass
+class _Batch:
+    """A batch being written over several reactor turns."""
 
-    offset: Offset
-    channel: str | None
-    user: str | None
-    frame: bytes
-
-
-class History:
-    """The most recent messages, bounded by count and bytes, for replay."""
-
-    def __init__(self, count: int, max_bytes: int) -> None:
-        self._items: deque[Message] = deque()
-        self._count = count
-        self._max_bytes = max_bytes
-        self._bytes = 0
-        #: Newest offset no longer held: replay from before it is incomplete.
-        self.horizon: Offset = (0, 0)
-        #: Newest offset seen.
-        self.last: Offset = (0, 0)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def append(self, message: Message) -> None:
-        self._items.append(message)
-        self._bytes += len(message.frame)
-        self.last = message.offset
-        while len(self._items) > self._count or (self._bytes > self._max_bytes and len(self._items) > 1):
-            old = self._items.popleft()
-            self._bytes -= len(old.frame)
-            self.horizon = old.offset
-
-    def after(self, since: Offset) -> tuple[bool, list[Message]]:
-        """Messages newer than C{since}, oldest first, and whether that is all of them."""
-        newer: list[Message] = []
-        for message in reversed(self._items):
-            if message.offset <= since:
-                break
-            newer.append(message)
-        newer.reverse()
-        return since >= self.horizon, newer
+    id: int
+    first: int  # history indices of its messages
+    last: int
+    peers: list[Peer]
+    blob: bytes | None  # the shared write of a broadcast batch...
+    count: int
+    shares: dict[Peer, tuple[bytes, int] | None] | None  # ...or each peer's (None: too big, catch up)
 
 
 class Hub:
@@ -86,59 +58,98 @@ class Hub:
 
     _log = Logger()
 
-    def __init__(self, history: History, stats: Stats, clock: IReactorTime) -> None:
+    def __init__(self, history: History, stats: Stats, clock: IReactorTime, slow_seconds: float) -> None:
         self._clock = clock
         self.history = history
         self.stats = stats
+        self._slow_seconds = slow_seconds
         self.peers: set[Peer] = set()
         self._by_channel: dict[str, set[Peer]] = {}
         self._by_user: dict[str, set[Peer]] = {}
-        # Peers that resumed from an offset this node has not reached yet.
-        self._floors: dict[Peer, Offset] = {}
+        self._paused: set[Outbox] = set()
+        self._waiting: set[Outbox] = set()
+        self._inflight: _Batch | None = None
+        self._batches = 0
         self._ready = False
-        self._waiting: list[Deferred[None]] = []
+        self._when_ready: list[Deferred[None]] = []
+        self._sweep = LoopingCall(self._drop_stalled)
+        self._sweep.clock = clock
 
     # -- lifecycle ---------------------------------------------------------
 
-    @property
-    def ready(self) -> bool:
-        return self._ready
+    def start(self) -> None:
+        self._sweep.start(1.0, now=False)
+
+    def stop(self) -> None:
+        if self._sweep.running:
+            self._sweep.stop()
 
     def set_ready(self) -> None:
         """The history is loaded: replays may run and live delivery begins."""
         self._ready = True
-        waiting, self._waiting = self._waiting, []
+        waiting, self._when_ready = self._when_ready, []
         for d in waiting:
             d.callback(None)
 
     def when_ready(self) -> Deferred[None]:
         if self._ready:
             return succeed(None)
-        d: Deferred[None] = Deferred()
-        self._waiting.append(d)
+        d: Deferred[None] = Deferred(lambda d: self._when_ready.remove(d) if d in self._when_ready else None)
+        self._when_ready.append(d)
         return d
 
     # -- membership --------------------------------------------------------
 
     def add(self, peer: Peer) -> None:
+        """A connection joins with its user and channels, live from the newest message on."""
         self.peers.add(peer)
+        peer.outbox.caught_up_to = self.history.last
         if peer.user is not None:
             self._by_user.setdefault(peer.user, set()).add(peer)
+        for channel in peer.channels:
+            self._by_channel.setdefault(channel, set()).add(peer)
 
     def remove(self, peer: Peer) -> None:
         self.peers.discard(peer)
-        self._floors.pop(peer, None)
+        self._paused.discard(peer.outbox)
+        self._waiting.discard(peer.outbox)
         for channel in peer.channels:
             self._leave(self._by_channel, channel, peer)
         if peer.user is not None:
             self._leave(self._by_user, peer.user, peer)
+        peer.outbox.close()
 
     def set_user(self, peer: Peer, user: str | None) -> None:
+        self._audience_changes(peer)
         if peer.user is not None:
             self._leave(self._by_user, peer.user, peer)
         peer.user = user
         if user is not None and peer in self.peers:
             self._by_user.setdefault(user, set()).add(peer)
+
+    def subscribe(self, peer: Peer, channel: str) -> None:
+        self._audience_changes(peer)
+        peer.channels.add(channel)
+        self._by_channel.setdefault(channel, set()).add(peer)
+
+    def unsubscribe(self, peer: Peer, channel: str) -> None:
+        self._audience_changes(peer)
+        peer.channels.discard(channel)
+        self._leave(self._by_channel, channel, peer)
+
+    def subscribers(self, channel: str) -> int:
+        return len(self._by_channel.get(channel, ()))
+
+    def census(self) -> dict[str, int]:
+        """What the hub holds, by kind: for /metrics and for leak checks."""
+        return {
+            "peers": len(self.peers),
+            "channels": len(self._by_channel),
+            "subscriptions": sum(len(members) for members in self._by_channel.values()),
+            "users": len(self._by_user),
+            "paused": len(self._paused),
+            "waiting": len(self._waiting),
+        }
 
     @staticmethod
     def _leave(index: dict[str, set[Peer]], key: str, peer: Peer) -> None:
@@ -148,131 +159,170 @@ class Hub:
             if not members:
                 del index[key]
 
-    def subscribe(self, peer: Peer, channel: str) -> None:
-        peer.channels.add(channel)
-        self._by_channel.setdefault(channel, set()).add(peer)
+    def _audience_changes(self, peer: Peer) -> None:
+        # a share of the batch being written was cut for the old audience: skip it, catch up instead
+        position = self.position_of(peer)
+        if peer in self.peers and position < self.history.last:
+            peer.outbox.behind(position)
 
-    def unsubscribe(self, peer: Peer, channel: str) -> None:
-        peer.channels.discard(channel)
-        self._leave(self._by_channel, channel, peer)
+    # -- places in the log -------------------------------------------------
 
-    def subscribers(self, channel: str) -> int:
-        return len(self._by_channel.get(channel, ()))
+    def position_of(self, peer: Peer) -> int:
+        """The history index up to which everything for C{peer} has been handed to it."""
+        outbox = peer.outbox
+        if not outbox.live:
+            return outbox.cursor - 1
+        batch = self._inflight
+        if (
+            batch is not None
+            and outbox.caught_up_to < batch.first
+            and outbox.batch_done != batch.id
+            and (batch.shares is None or peer in batch.shares)
+        ):
+            return batch.first - 1
+        return self.history.last
 
-    # -- replay ------------------------------------------------------------
+    @staticmethod
+    def wants(peer: Peer, message: Message) -> bool:
+        """Whether C{message} is for C{peer}: its user's, on its channels, or for everyone."""
+        if message.user is not None and message.user != peer.user:
+            return False
+        return message.channel is None or message.channel in peer.channels
 
-    def replay(self, peer: Peer, since: Offset, channels: Iterable[str] | None, broadcasts: bool) -> tuple[bool, bytes]:
+    def resume(self, peer: Peer, since: Offset) -> bool:
         """
-        The framed messages after C{since} that C{peer} should have had on
-        C{channels} (and broadcasts, if asked), and whether the history
-        reached back that far. Call it in the same reactor turn as the
-        subscription it completes, so no live message falls in between.
+        Replay to C{peer} what it should have had after C{since} (not newer than
+        the history), then go on live. Whether that is complete.
         """
-        wanted = set(peer.channels if channels is None else channels)
-        recovered, newer = self.history.after(since)
-        frames = [
-            m.frame
-            for m in newer
-            if (m.channel in wanted if m.channel is not None else broadcasts)
-            and (m.user is None or m.user == peer.user)
-        ]
-        if since > self.history.last:
-            # this node lags the one the client came from: skip what it saw
-            self._floors[peer] = max(since, self._floors.get(peer, since))
-        return recovered, b"".join(frames)
+        recovered, start = self.history.recovery(since)
+        if start is not None:
+            peer.outbox.behind(start - 1)
+        return recovered
+
+    def replay_channel(self, peer: Peer, channel: str, start: int) -> None:
+        """Replay C{channel}'s messages from history index C{start} up to C{peer}'s place, before the rest."""
+        position = self.position_of(peer)
+        if start <= position:
+            peer.outbox.behind(position)
+            peer.outbox.replay(start, position, channel)
+
+    def skip_until(self, peer: Peer, offset: Offset, channel: str | None) -> None:
+        """C{peer} saw messages up to C{offset} (of C{channel}, or all) on a node ahead of this one."""
+        peer.outbox.skip_until(offset, channel)
+        peer.outbox.behind(self.position_of(peer))
+
+    # -- slow connections ------------------------------------------------------
+
+    def paused(self, outbox: Outbox, paused: bool) -> None:
+        if paused:
+            self._paused.add(outbox)
+        else:
+            self._paused.discard(outbox)
+
+    def wait_for_log(self, outbox: Outbox) -> None:
+        """Pump C{outbox} again once the next batch arrives."""
+        self._waiting.add(outbox)
+
+    def _drop_stalled(self) -> None:
+        now = self._clock.seconds()
+        for outbox in list(self._paused):
+            outbox.check(now, self._slow_seconds)
 
     # -- delivery ----------------------------------------------------------
 
     def deliver(self, batch: list[Message]) -> Deferred[None] | None:
         """
-        Send a batch of log messages, in order, with one write per connection.
-        Consecutive broadcasts are joined once and shared by every connection.
+        Append a batch of log messages to the history and write each live
+        connection its share, in order, with one write. Consecutive messages
+        to one audience are joined once and shared.
 
-        Who gets what is decided now, with the history, so a replay and this
-        batch never overlap; the writes go out C{SLICE} connections per
-        reactor turn. Returns a Deferred that fires when they are all written
-        (None if that is already so): read the next batch only then, and
-        everything that arrived meanwhile comes as one batch, one write each.
+        The writes go out C{SLICE} connections per reactor turn. Returns a
+        Deferred that fires when they are all written (None if that is
+        already so): read the next batch only then, and everything that
+        arrived meanwhile comes as one batch, one write each.
         """
         history = self.history
+        first = history.next
         for message in batch:
             history.append(message)
-        peers = self.peers
-        if not peers:
+        waiting, self._waiting = self._waiting, set()
+        for outbox in waiting:
+            outbox.wake()
+        if not self.peers:
             return None
-        if not self._floors and all(m.channel is None and m.user is None for m in batch):
+        self._batches += 1
+        if all(m.channel is None and m.user is None for m in batch):
             blob = batch[0].frame if len(batch) == 1 else b"".join(m.frame for m in batch)
-            self.stats.delivered(len(batch) * len(peers), len(blob) * len(peers))
-            return self._write(list(peers), blob, None)
-        return self._deliver_mixed(batch)
+            return self._write(_Batch(self._batches, first, history.last, list(self.peers), blob, len(batch), None))
+        shares = self._shares(batch)
+        return self._write(_Batch(self._batches, first, history.last, list(shares), None, 0, shares))
 
-    def _write(self, peers: list[Peer], blob: bytes | None, parts: list[bytes] | None) -> Deferred[None] | None:
-        """Push C{blob} (or C{parts[i]}) to every C{peers[i]}, a slice per reactor turn."""
-        if len(peers) <= SLICE:
-            self._write_slice(peers, blob, parts, 0, None)
-            return None
-        done: Deferred[None] = Deferred()
-        self._write_slice(peers, blob, parts, 0, done)
-        return done
-
-    def _write_slice(
-        self, peers: list[Peer], blob: bytes | None, parts: list[bytes] | None, start: int, done: Deferred[None] | None
-    ) -> None:
-        end = start + SLICE
-        try:
-            if blob is not None:
-                for peer in peers[start:end]:
-                    peer.push(blob)
-            else:
-                assert parts is not None
-                for peer, data in zip(peers[start:end], parts[start:end]):
-                    peer.push(data)
-        except Exception:
-            self._log.failure("delivery failed; going on with the next connections")
-        if end < len(peers):
-            self._clock.callLater(0, self._write_slice, peers, blob, parts, end, done)
-        elif done is not None:
-            done.callback(None)
-
-    def _deliver_mixed(self, batch: list[Message]) -> Deferred[None] | None:
+    def _shares(self, batch: list[Message]) -> dict[Peer, tuple[bytes, int] | None]:
         # consecutive messages to the same audience are joined once and shared, like broadcasts
         runs: list[tuple[Message, list[bytes]]] = []
         for message in batch:
             last = runs[-1][0] if runs else None
-            if last is not None and not self._floors and (last.channel, last.user) == (message.channel, message.user):
+            if last is not None and (last.channel, last.user) == (message.channel, message.user):
                 runs[-1][1].append(message.frame)
             else:
                 runs.append((message, [message.frame]))
-        out: dict[Peer, list[bytes]] = {}
-        count = 0
+        out: dict[Peer, list[tuple[bytes, int]]] = {}
         for first, frames in runs:
             blob = frames[0] if len(frames) == 1 else b"".join(frames)
-            targets = self._targets(first)
-            for peer in targets:
-                out.setdefault(peer, []).append(blob)
-            count += len(frames) * len(targets)
-        joined = [parts[0] if len(parts) == 1 else b"".join(parts) for parts in out.values()]
-        self._lift_floors()
-        self.stats.delivered(count, sum(map(len, joined)))
-        return self._write(list(out), None, joined)
+            for peer in self._targets(first):
+                out.setdefault(peer, []).append((blob, len(frames)))
+        shares: dict[Peer, tuple[bytes, int] | None] = {}
+        for peer, parts in out.items():
+            if len(parts) == 1:
+                shares[peer] = parts[0]
+            elif sum(len(blob) for blob, _ in parts) <= SHARE_LIMIT:
+                shares[peer] = (b"".join(blob for blob, _ in parts), sum(n for _, n in parts))
+            else:
+                shares[peer] = None
+        return shares
 
     def _targets(self, message: Message) -> Collection[Peer]:
-        targets: Collection[Peer]
         if message.channel is not None:
-            targets = self._by_channel.get(message.channel, ())
+            targets: Collection[Peer] = self._by_channel.get(message.channel, ())
             if message.user is not None:
                 targets = [p for p in targets if p.user == message.user]
-        elif message.user is not None:
-            targets = self._by_user.get(message.user, ())
-        else:
-            targets = self.peers
-        if self._floors:
-            floors = self._floors
-            targets = [p for p in targets if p not in floors or message.offset > floors[p]]
-        return targets
+            return targets
+        if message.user is not None:
+            return self._by_user.get(message.user, ())
+        return self.peers
 
-    def _lift_floors(self) -> None:
-        last = self.history.last
-        for peer, floor in list(self._floors.items()):
-            if last >= floor:
-                del self._floors[peer]
+    def _write(self, batch: _Batch) -> Deferred[None] | None:
+        if len(batch.peers) <= SLICE:
+            self._write_slice(batch, 0, None)
+            return None
+        done: Deferred[None] = Deferred()
+        self._inflight = batch
+        self._write_slice(batch, 0, done)
+        return done
+
+    def _write_slice(self, batch: _Batch, start: int, done: Deferred[None] | None) -> None:
+        end = start + SLICE
+        first, bid = batch.first, batch.id
+        for peer in batch.peers[start:end]:
+            outbox = peer.outbox
+            # skipped: not live (it catches up from history), or it already caught up past this batch
+            if not outbox.live or outbox.caught_up_to >= first or outbox.batch_done == bid:
+                continue
+            outbox.batch_done = bid
+            try:
+                if batch.shares is None:
+                    assert batch.blob is not None
+                    outbox.offer(batch.blob, batch.count)
+                else:
+                    share = batch.shares[peer]
+                    if share is None:
+                        outbox.behind(first - 1)
+                    else:
+                        outbox.offer(*share)
+            except Exception:
+                self._log.failure("delivery to one connection failed; going on with the next")
+        if end < len(batch.peers):
+            self._clock.callLater(0, self._write_slice, batch, end, done)
+        elif done is not None:
+            self._inflight = None
+            done.callback(None)

@@ -24,6 +24,9 @@ class Stats:
         self.connections = 0
         self.connections_total = 0
         self.messages_in = 0
+        self.messages_moved = 0
+        self.skipped_entries = 0
+        self.gaps: Counter[str] = Counter()
         self.deliveries = 0
         self.bytes_out = 0
         self.client_publishes = 0
@@ -55,6 +58,16 @@ class _StatsCollector(Collector):
             "pushservice_connections_accepted", "WebSocket connections accepted", value=s.connections_total
         )
         yield CounterMetricFamily("pushservice_messages_in", "Messages read from the log", value=s.messages_in)
+        yield CounterMetricFamily(
+            "pushservice_messages_moved", "Items this node moved from the list to the log", value=s.messages_moved
+        )
+        yield CounterMetricFamily(
+            "pushservice_log_entries_skipped", "Log entries that could not be delivered", value=s.skipped_entries
+        )
+        gaps = CounterMetricFamily("pushservice_gaps", "Gaps found in the log, by reason", labels=["reason"])
+        for reason in ("trimmed", "reset"):
+            gaps.add_metric([reason], s.gaps[reason])
+        yield gaps
         yield CounterMetricFamily("pushservice_messages_out", "Messages delivered to connections", value=s.deliveries)
         yield CounterMetricFamily("pushservice_bytes_out", "Bytes of message frames written", value=s.bytes_out)
         yield CounterMetricFamily("pushservice_client_publishes", "Client messages queued", value=s.client_publishes)

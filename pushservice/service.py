@@ -31,6 +31,7 @@ class _Running:
     def __init__(self) -> None:
         self.ports: list[Any] = []
         self.local_redis: Any = None
+        self.hub: Any = None
         self.bus: Any = None
         self.factory: Any = None
         self.startup: defer.Deferred[None] | None = None
@@ -59,18 +60,34 @@ class PushService(Service):
     def _prepare(self) -> None:
         from twisted.internet import reactor
 
+        from .auth import AuthError, Policy, TokenVerifier
         from .bus import Bus
-        from .hub import History, Hub
+        from .history import History
+        from .hub import Hub
+        from .ingest import IngestRules
         from .metrics import Stats
+        from .session import Node
+        from .strictjson import JSONRules
         from .web import make_port_factory
-        from .websocket import PushFactory, frame
+        from .websocket import PushFactory
+        from .wire import text_frame
 
         config = self.config
         run = self._running = _Running()
         stats = Stats()
-        hub = Hub(History(config.history, config.history_bytes), stats, reactor)
-        run.bus = bus = Bus(reactor, config, hub, stats, framer=frame)
-        run.factory = factory = PushFactory(reactor, config, hub, bus, stats)
+        rules = JSONRules(config.max_json_depth, config.max_number_length)
+        hub = Hub(History(config.history, config.history_bytes), stats, reactor, config.slow_client_seconds)
+        run.hub = hub
+        run.bus = bus = Bus(reactor, config, hub, stats, text_frame, IngestRules(rules))
+        verifier = TokenVerifier.from_file(config.token_secret_file) if config.token_secret_file else None
+
+        def verify(token: str) -> Any:
+            if verifier is None:
+                raise AuthError("tokens are not enabled on this server")
+            return verifier.verify(token)
+
+        node = Node(reactor, config, hub, bus, stats, Policy(config.client_publish), rules, verify)
+        run.factory = factory = PushFactory(node)
         self._listen(reactor, make_port_factory(reactor, factory, bus, stats, config.demo, config.handshake_timeout))
 
     def startService(self) -> None:
@@ -109,6 +126,7 @@ class PushService(Service):
 
             run.local_redis = LocalRedis(reactor)
             address = await run.local_redis.start()
+        run.hub.start()
         run.bus.start(address)
 
     def _startup_failed(self, failure: Any, reactor: Any) -> None:
@@ -152,6 +170,7 @@ class PushService(Service):
             client.close_for_shutdown()
         self._log.info("stopping: closing {n} connections", n=len(clients))
         await defer.DeferredList(closed)
+        run.hub.stop()
         await run.bus.stop()
         if run.local_redis is not None:
             await run.local_redis.stop()

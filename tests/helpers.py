@@ -55,11 +55,11 @@ class Node:
 
     @property
     def hub(self) -> Any:
-        return self.running.factory.hub
+        return self.running.hub
 
     @property
     def stats(self) -> Any:
-        return self.running.factory.stats
+        return self.running.factory.node.stats
 
     @property
     def port(self) -> int:

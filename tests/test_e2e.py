@@ -312,6 +312,7 @@ async def test_reconnect_with_since_on_another_node(twistd_service, redis_server
     push(missed)
     await b_has(missed)
     client = await connect(b.port, f"channels=news,sport&since={seen[-1]['offset']}")
+    assert await client.next() == {"type": "resumed", "since": seen[-1]["offset"], "recovered": True}
     live = batch("c", 40)
     push(live)
     expected = wanted(missed + live, {"news", "sport"})
@@ -406,6 +407,7 @@ async def test_hopping_between_nodes_during_a_stream_is_contiguous(twistd_servic
         if not producing.called:
             hops_while_pushing += 1
         client = await connect(nodes[hop % 2].port, f"channels=c1&since={got[-1]['offset']}")
+        assert (await client.next())["recovered"] is True
     await producing
     await assert_quiet([client])
     await client.close()
@@ -471,6 +473,7 @@ async def test_since_on_a_node_that_lags_behind(twistd_service, redis_server, qu
     finally:
         b.proc.send_signal(signal.SIGCONT)
     client = await resuming
+    assert await client.next() == {"type": "resumed", "since": seen[-1]["offset"], "recovered": True}
     live = [f"s{i}" for i in range(30)]
     r.lpush(queue, *live)
     r.close()

@@ -577,7 +577,7 @@ async def test_sigterm_graceful_shutdown(twistd_service, redis_sync):
     waiting, logged = redis_sync.llen(queue), redis_sync.xlen(f"{queue}:log")
     assert redis_sync.llen(f"{queue}:dead") == 0
     assert waiting + logged == 101, (waiting, logged)
-    items = [fields[b"d"].decode() for _, fields in redis_sync.xrange(f"{queue}:log")]
+    items = [json.loads(fields[b"c"]) for _, fields in redis_sync.xrange(f"{queue}:log")]
     items += [item.decode() for item in reversed(redis_sync.lrange(queue, 0, -1))]
     assert items == [f"before-{i}" for i in range(50)] + [f"during-{i}" for i in range(50)] + ["after"]
 

@@ -1,0 +1,267 @@
+"""
+One connection's output, with bounded memory whatever the client does.
+
+A connection is I{live} while it takes what is sent: the hub hands it its
+share of each batch and it goes straight to the socket. When its socket is
+full (Twisted pauses it), or a replay or an audience change needs its stream
+rebuilt, it stops being live and keeps only its I{place}: the index of the
+next history message it has not had. When the socket drains it catches up
+from the node's shared history, a piece at a time, and is live again once it
+reaches the newest message. So the node never queues more than
+C{--slow-client-bytes} for a connection beyond what its socket took, and a
+client that reads slower than a burst arrives is not dropped: it is dropped
+only when its place falls out of the history window, or it takes nothing for
+C{--slow-client-seconds}.
+
+Pure of sockets: it writes through a L{Sink} and reads the time from a clock.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from twisted.internet.interfaces import IReactorTime
+
+from .wire import Offset
+
+if TYPE_CHECKING:
+    from .hub import Hub, Peer
+
+__all__ = ["Outbox", "Sink"]
+
+#: Bytes gathered from history per write while catching up.
+PIECE = 64 * 1024
+#: Bytes one connection may write in one reactor turn while catching up: the others get theirs.
+TURN = 256 * 1024
+#: The smallest queue bound: twice Twisted's pause threshold (FileDescriptor.bufferSize, 64 KiB).
+MIN_LIMIT = 128 * 1024
+
+
+class Sink(Protocol):
+    """Where an outbox writes: a connection's transport."""
+
+    def send_now(self, data: bytes | memoryview) -> int:
+        """Bytes the socket took at once (0 when they must go through the transport)."""
+
+    def queued(self) -> int:
+        """Bytes the transport holds for the socket."""
+
+    def write(self, data: bytes) -> None:
+        """Queue bytes on the transport; it may pause the outbox before returning."""
+
+    def drop_slow(self, why: str) -> None:
+        """Close the connection as a slow consumer."""
+
+
+@dataclass
+class _Range:
+    """History messages to replay for one channel: indices C{start} to C{end} inclusive."""
+
+    start: int
+    end: int
+    channel: str
+
+
+class Outbox:
+    """The output side of one connection: live writes, or its place in history and a catch-up."""
+
+    def __init__(self, peer: Peer, sink: Sink, hub: Hub, clock: IReactorTime, limit: int) -> None:
+        self._peer = peer
+        self._sink = sink
+        self._hub = hub
+        self._clock = clock
+        self._limit = max(limit, MIN_LIMIT)  # above Twisted's pause threshold, or a full socket would spin
+        self._queue: deque[bytes | memoryview | _Range] = deque()
+        self._floors: dict[str | None, Offset] = {}
+        self._pumping: Any = None
+        self._closed = False
+        #: Written to as the hub delivers (True), or catching up from C{cursor} (False).
+        self.live = True
+        self.paused = False
+        self.paused_at = 0.0
+        #: While not live: the next history index this connection has not had.
+        self.cursor = 0
+        #: History index it last caught up to; batches up to it are not written again.
+        self.caught_up_to = -1
+        #: Id of the last batch whose share was handed to it.
+        self.batch_done = -1
+
+    # -- from the hub ------------------------------------------------------------
+
+    def offer(self, data: bytes, count: int) -> None:
+        """A live connection's share of a batch: C{count} messages framed in C{data}."""
+        self._hub.stats.delivered(count, len(data))
+        rest = self._write(data)
+        if rest is not None:
+            self._keep_first(rest)
+
+    def send(self, data: bytes) -> None:
+        """A reply or notice: now, or after what is already queued."""
+        if self.live and not self.paused and not self._queue:
+            rest = self._write(data)
+            if rest is not None:
+                self._keep_first(rest)
+        else:
+            self._queue.append(data)
+            self._schedule()
+
+    def behind(self, position: int) -> None:
+        """Stop being live; catch up from the message after history index C{position}."""
+        if self.live:
+            self.live = False
+            self.cursor = position + 1
+        self._schedule()
+
+    def replay(self, start: int, end: int, channel: str) -> None:
+        """Queue the history messages of C{channel} from index C{start} to C{end}, before the rest."""
+        if start <= end:
+            self._queue.append(_Range(start, end, channel))
+        self._schedule()
+
+    def skip_until(self, offset: Offset, channel: str | None = None) -> None:
+        """Leave out messages up to C{offset} (of C{channel}, or all): a client that saw them on a node ahead."""
+        self._floors[channel] = max(offset, self._floors.get(channel, offset))
+
+    def wake(self) -> None:
+        """The log moved on: a connection waiting for it catches up."""
+        self._schedule()
+
+    def close(self) -> None:
+        self._closed = True
+        self._queue.clear()
+        if self._pumping is not None and self._pumping.active():
+            self._pumping.cancel()
+        self._pumping = None
+
+    # -- from the transport (IPushProducer, through the connection) ------------
+
+    def pause(self) -> None:
+        self.paused = True
+        self.paused_at = self._clock.seconds()
+        self._hub.paused(self, True)
+        if self.live:
+            self.behind(self._hub.position_of(self._peer))
+
+    def resume(self) -> None:
+        self.paused = False
+        self._hub.paused(self, False)
+        self._schedule()
+
+    def check(self, now: float, max_paused: float) -> None:
+        """Drop the connection if it has taken nothing for longer than C{max_paused} seconds."""
+        if self.paused and now - self.paused_at > max_paused:
+            self._drop(f"took nothing for {now - self.paused_at:.0f}s")
+
+    # -- writing -------------------------------------------------------------------
+
+    def _write(self, data: bytes | memoryview) -> memoryview | None:
+        """Hand C{data} to the socket, or to the transport up to the limit; the rest, if any."""
+        sink = self._sink
+        sent = 0 if self.paused else sink.send_now(data)
+        if sent == len(data):
+            return None
+        rest = memoryview(data)[sent:]
+        room = self._limit - sink.queued()
+        if len(rest) <= room:
+            sink.write(data if sent == 0 and isinstance(data, bytes) else bytes(rest))
+            return None
+        if room > 0:
+            sink.write(bytes(rest[:room]))  # over the transport's buffer size: it pauses us
+            rest = rest[room:]
+        return rest
+
+    def _keep_first(self, rest: memoryview) -> None:
+        """Keep the unsent rest of a write at the front; the connection catches up after it."""
+        self._queue.appendleft(rest)
+        if self.live:
+            self.behind(self._hub.position_of(self._peer))
+
+    def _schedule(self) -> None:
+        if self._pumping is None and not self.paused and not self._closed:
+            self._pumping = self._clock.callLater(0, self._pump)
+
+    def _pump(self) -> None:
+        """Write what is queued, then catch up from history, until paused or a turn's worth is written."""
+        self._pumping = None
+        budget = TURN
+        while budget > 0 and not self.paused and not self._closed:
+            piece = self._next_piece()
+            if piece is None:
+                return
+            budget -= len(piece)
+            rest = self._write(piece)
+            if rest is not None:
+                self._queue.appendleft(rest)
+        self._schedule()
+
+    def _next_piece(self) -> bytes | memoryview | None:
+        """The next bytes to write: queued data, a replay piece, a catch-up piece; None when caught up."""
+        history = self._hub.history
+        while self._queue:
+            head = self._queue[0]
+            if not isinstance(head, _Range):
+                self._queue.popleft()
+                return head
+            if head.start < history.first:
+                self._drop("fell behind the history window")
+                return None
+            head.start, piece = self._gather(head.start, head.end, head.channel)
+            if head.start > head.end:
+                self._queue.popleft()
+            if piece:
+                return piece
+        if self.live:
+            return None
+        if self.cursor < history.first:
+            self._drop("fell behind the history window")
+            return None
+        if self.cursor >= history.next:
+            self._caught_up()
+            return None
+        self.cursor, piece = self._gather(self.cursor, history.last, None)
+        return piece if piece else self._next_piece()
+
+    def _gather(self, start: int, end: int, channel: str | None) -> tuple[int, bytes]:
+        """Frames for this connection from history indices C{start}..C{end}, up to a piece; where it stopped."""
+        history, hub, peer, floors = self._hub.history, self._hub, self._peer, self._floors
+        parts: list[bytes] = []
+        size = 0
+        index = start
+        while index <= end and size < PIECE:
+            message = history[index]
+            index += 1
+            if channel is not None and message.channel != channel:
+                continue
+            if not hub.wants(peer, message):
+                continue
+            if floors and self._below_floor(message.offset, message.channel):
+                continue
+            parts.append(message.frame)
+            size += len(message.frame)
+        if parts:
+            hub.stats.delivered(len(parts), size)
+        return index, parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _below_floor(self, offset: Offset, channel: str | None) -> bool:
+        floors = self._floors
+        return (None in floors and offset <= floors[None]) or (
+            channel is not None and channel in floors and offset <= floors[channel]
+        )
+
+    def _caught_up(self) -> None:
+        history = self._hub.history
+        for key, floor in list(self._floors.items()):
+            if history.last_offset >= floor:
+                del self._floors[key]
+        if self._floors:
+            self._hub.wait_for_log(self)  # pumped again when the log moves on
+            return
+        self.live = True
+        self.caught_up_to = history.last
+
+    def _drop(self, why: str) -> None:
+        if not self._closed:
+            self.close()
+            self._sink.drop_slow(why)
