@@ -1,0 +1,1 @@
+"""Test support: processes, clients, proxies and waiting, shared by every test module."""
