@@ -13,10 +13,13 @@ setup(
     # find_packages() misses the twisted.plugins namespace; never ship its __init__.py
     packages=["pushservice", "twisted.plugins"],
     package_data={"pushservice": ["static/*", "*.lua"], "twisted.plugins": []},
+    # upper bounds on the libraries whose internals pushservice/_internals.py uses:
+    # an upgrade is checked with tests/test_internals.py first (README, "Upgrading the libraries")
     install_requires=[
-        "twisted[tls]>=24.7",
-        "autobahn[twisted]>=24.4",
-        "txredisapi>=1.6",
+        "twisted[tls]>=24.7,<27",
+        "autobahn[twisted]>=24.4,<27",
+        "txredisapi>=1.6,<1.7",
+        "hiredis>=3,<4",  # txredisapi's C reply parser: its own reads an XREAD of 1000 entries in 1000s of reactor turns
         "PyJWT>=2.8",
         "prometheus_client>=0.20",
     ],

@@ -80,7 +80,16 @@ class Bus:
         tailer_link = self._link(BLOCK_SECONDS + timeout)
         self.mover = Mover(reactor, mover_link, config, self._rules, self._stats)
         self.tailer = Tailer(
-            reactor, tailer_link, self.request, config, self._hub, self._stats, self._framer, self._rules, self.node_id
+            reactor,
+            tailer_link,
+            self.request,
+            self._requests.when_up,
+            config,
+            self._hub,
+            self._stats,
+            self._framer,
+            self._rules,
+            self.node_id,
         )
         for link in self._links:
             link.start()

@@ -130,6 +130,7 @@ class Outbox:
 
     def close(self) -> None:
         self._closed = True
+        self.live = False  # a batch being written skips it
         self._queue.clear()
         if self._pumping is not None and self._pumping.active():
             self._pumping.cancel()

@@ -50,6 +50,7 @@ class Tailer:
         clock: IReactorTime,
         link: RedisLink,
         request: Callable[..., defer.Deferred[Any]],
+        requests_up: Callable[[], defer.Deferred[None]],
         config: Config,
         hub: Hub,
         stats: Stats,
@@ -60,6 +61,7 @@ class Tailer:
         self._clock = clock
         self._link = link
         self._request = request
+        self._requests_up = requests_up
         self._config = config
         self._hub = hub
         self._stats = stats
@@ -131,6 +133,7 @@ class Tailer:
         config = self._config
         self.progress.working()
         await self._link.when_up()
+        await self._requests_up()
         # hold the whole log (place 0) until this node knows its place
         await self._request("SET", self._node_key, 0, "PX", int(config.node_ttl * 1000))
         await self._request("SADD", config.nodes_key, self._node_id)
