@@ -8,49 +8,20 @@ one write (see L{pushservice.outbox} for connections that are not live).
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
-from typing import Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from .fanout import FanOut, Peer
 from .history import History
 from .logentry import Message
 from .metrics import Stats
 from .outbox import Outbox
 from .wire import Offset
 
-__all__ = ["SLICE", "SHARE_LIMIT", "Hub", "Peer"]
-
-#: Connections written per reactor turn: a fan-out never holds the reactor
-#: longer than this many sends (~10 us each on loopback).
-SLICE = 256
-#: A connection's share of a mixed batch is joined into one write up to this
-#: size; a bigger share is read from history instead (no per-connection copy).
-SHARE_LIMIT = 64 * 1024
-
-
-class Peer(Protocol):
-    """What the hub needs of a connection."""
-
-    user: str | None
-    channels: set[str]
-    outbox: Outbox
-
-
-@dataclass
-class _Batch:
-    """A batch being written over several reactor turns."""
-
-    id: int
-    first: int  # history indices of its messages
-    last: int
-    peers: list[Peer]
-    blob: bytes | None  # the shared write of a broadcast batch...
-    count: int
-    shares: dict[Peer, tuple[bytes, int] | None] | None  # ...or each peer's (None: too big, catch up)
+__all__ = ["Hub", "Peer"]
 
 
 class Hub:
@@ -68,8 +39,7 @@ class Hub:
         self._by_user: dict[str, set[Peer]] = {}
         self._paused: set[Outbox] = set()
         self._waiting: set[Outbox] = set()
-        self._inflight: _Batch | None = None
-        self._batches = 0
+        self._fanout = FanOut(clock, self._targets)
         self._ready = False
         self._when_ready: list[Deferred[None]] = []
         self._sweep = LoopingCall(self._drop_stalled)
@@ -172,15 +142,8 @@ class Hub:
         outbox = peer.outbox
         if not outbox.live:
             return outbox.cursor - 1
-        batch = self._inflight
-        if (
-            batch is not None
-            and outbox.caught_up_to < batch.first
-            and outbox.batch_done != batch.id
-            and (batch.shares is None or peer in batch.shares)
-        ):
-            return batch.first - 1
-        return self.history.last
+        pending = self._fanout.pending_from(peer)
+        return self.history.last if pending is None else pending - 1
 
     @staticmethod
     def wants(peer: Peer, message: Message) -> bool:
@@ -233,13 +196,8 @@ class Hub:
     def deliver(self, batch: list[Message]) -> Deferred[None] | None:
         """
         Append a batch of log messages to the history and write each live
-        connection its share, in order, with one write. Consecutive messages
-        to one audience are joined once and shared.
-
-        The writes go out C{SLICE} connections per reactor turn. Returns a
-        Deferred that fires when they are all written (None if that is
-        already so): read the next batch only then, and everything that
-        arrived meanwhile comes as one batch, one write each.
+        connection its share (see L{FanOut.write}); a Deferred that fires
+        when they are all written, or None if that is already so.
         """
         history = self.history
         first = history.next
@@ -250,38 +208,10 @@ class Hub:
             outbox.wake()
         if not self.peers:
             return None
-        self._batches += 1
-        if all(m.channel is None and m.user is None for m in batch):
-            blob = batch[0].frame if len(batch) == 1 else b"".join(m.frame for m in batch)
-            return self._write(_Batch(self._batches, first, history.last, list(self.peers), blob, len(batch), None))
-        shares = self._shares(batch)
-        return self._write(_Batch(self._batches, first, history.last, list(shares), None, 0, shares))
-
-    def _shares(self, batch: list[Message]) -> dict[Peer, tuple[bytes, int] | None]:
-        # consecutive messages to the same audience are joined once and shared, like broadcasts
-        runs: list[tuple[Message, list[bytes]]] = []
-        for message in batch:
-            last = runs[-1][0] if runs else None
-            if last is not None and (last.channel, last.user) == (message.channel, message.user):
-                runs[-1][1].append(message.frame)
-            else:
-                runs.append((message, [message.frame]))
-        out: dict[Peer, list[tuple[bytes, int]]] = {}
-        for first, frames in runs:
-            blob = frames[0] if len(frames) == 1 else b"".join(frames)
-            for peer in self._targets(first):
-                out.setdefault(peer, []).append((blob, len(frames)))
-        shares: dict[Peer, tuple[bytes, int] | None] = {}
-        for peer, parts in out.items():
-            if len(parts) == 1:
-                shares[peer] = parts[0]
-            elif sum(len(blob) for blob, _ in parts) <= SHARE_LIMIT:
-                shares[peer] = (b"".join(blob for blob, _ in parts), sum(n for _, n in parts))
-            else:
-                shares[peer] = None
-        return shares
+        return self._fanout.write(batch, first, history.last)
 
     def _targets(self, message: Message) -> Collection[Peer]:
+        """The peers a message is for, from the indexes."""
         if message.channel is not None:
             targets: Collection[Peer] = self._by_channel.get(message.channel, ())
             if message.user is not None:
@@ -290,39 +220,3 @@ class Hub:
         if message.user is not None:
             return self._by_user.get(message.user, ())
         return self.peers
-
-    def _write(self, batch: _Batch) -> Deferred[None] | None:
-        if len(batch.peers) <= SLICE:
-            self._write_slice(batch, 0, None)
-            return None
-        done: Deferred[None] = Deferred()
-        self._inflight = batch
-        self._write_slice(batch, 0, done)
-        return done
-
-    def _write_slice(self, batch: _Batch, start: int, done: Deferred[None] | None) -> None:
-        end = start + SLICE
-        first, bid = batch.first, batch.id
-        for peer in batch.peers[start:end]:
-            outbox = peer.outbox
-            # skipped: not live (it catches up from history), or it already caught up past this batch
-            if not outbox.live or outbox.caught_up_to >= first or outbox.batch_done == bid:
-                continue
-            outbox.batch_done = bid
-            try:
-                if batch.shares is None:
-                    assert batch.blob is not None
-                    outbox.offer(batch.blob, batch.count)
-                else:
-                    share = batch.shares[peer]
-                    if share is None:
-                        outbox.behind(first - 1)
-                    else:
-                        outbox.offer(*share)
-            except Exception:
-                self._log.failure("delivery to one connection failed; going on with the next")
-        if end < len(batch.peers):
-            self._clock.callLater(0, self._write_slice, batch, end, done)
-        elif done is not None:
-            self._inflight = None
-            done.callback(None)

@@ -19,21 +19,15 @@ States, in order (a session only moves forward):
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from .auth import AuthError, Grant, Policy
-from .bus import Bus
-from .config import Config
-from .hub import Hub
+from .auth import AuthError, Grant
 from .limits import TokenBucket
-from .metrics import Stats
-from .outbox import Outbox, Sink
-from .strictjson import JSONRules
+from .node import Connection, Node, Query
+from .outbox import Outbox
 from .wire import (
     Auth,
     Offset,
@@ -62,36 +56,6 @@ class State(enum.Enum):
     JOINING = "joining"
     JOINED = "joined"
     CLOSED = "closed"
-
-
-class Connection(Sink, Protocol):
-    """What a session needs of its connection, beyond writing."""
-
-    def close(self, code: int, reason: str) -> None:
-        """Close with a WebSocket close code."""
-
-
-@dataclass(frozen=True)
-class Node:
-    """What every session of this node shares."""
-
-    clock: IReactorTime
-    config: Config
-    hub: Hub
-    bus: Bus
-    stats: Stats
-    policy: Policy
-    rules: JSONRules
-    verify: Any  # (token: str) -> Grant, raising AuthError
-
-
-@dataclass(frozen=True)
-class Query:
-    """What the connect URL asked for."""
-
-    channels: tuple[str, ...] = ()
-    since: Offset | None = None
-    auth_frame: bool = False
 
 
 class Session:

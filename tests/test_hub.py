@@ -10,8 +10,9 @@ import random
 
 from twisted.internet.task import Clock
 
+from pushservice.fanout import SLICE
 from pushservice.history import History
-from pushservice.hub import SLICE, Hub
+from pushservice.hub import Hub
 from pushservice.logentry import Message, gap_message
 from pushservice.metrics import Stats
 from pushservice.outbox import Outbox

@@ -1,0 +1,149 @@
+"""
+Writing a batch to every connection it is for: each live connection gets its
+share with one write, a slice of connections per reactor turn. No Redis, no
+sockets, no membership: the hub says who a message is for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Protocol
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from .logentry import Message
+from .outbox import Outbox
+
+__all__ = ["SHARE_LIMIT", "SLICE", "FanOut", "Peer"]
+
+#: Connections written per reactor turn: a fan-out never holds the reactor
+#: longer than this many sends (~10 us each on loopback).
+SLICE = 256
+#: A connection's share of a mixed batch is joined into one write up to this
+#: size; a bigger share is read from history instead (no per-connection copy).
+SHARE_LIMIT = 64 * 1024
+
+
+class Peer(Protocol):
+    """What the hub and the fan-out need of a connection."""
+
+    user: str | None
+    channels: set[str]
+    outbox: Outbox
+
+
+@dataclass
+class _Batch:
+    """A batch being written over several reactor turns."""
+
+    id: int
+    first: int  # history indices of its messages
+    last: int
+    peers: list[Peer]
+    blob: bytes | None  # the shared write of a broadcast batch...
+    count: int
+    shares: dict[Peer, tuple[bytes, int] | None] | None  # ...or each peer's (None: too big, catch up)
+
+
+class FanOut:
+    """Writes batches to live connections, a slice per reactor turn; knows which batch is half written."""
+
+    _log = Logger()
+
+    def __init__(self, clock: IReactorTime, targets: Callable[[Message], Collection[Peer]]) -> None:
+        self._clock = clock
+        self._targets = targets
+        self._inflight: _Batch | None = None
+        self._batches = 0
+
+    def write(self, batch: list[Message], first: int, last: int) -> Deferred[None] | None:
+        """
+        Write C{batch} (history indices C{first}..C{last}) to its live
+        connections, in order, one write each; consecutive messages to one
+        audience are joined once and shared. A Deferred that fires when all
+        are written (None if that is already so): read the next batch only
+        then, and everything that arrived meanwhile comes as one batch.
+        """
+        self._batches += 1
+        if all(m.channel is None and m.user is None for m in batch):
+            blob = batch[0].frame if len(batch) == 1 else b"".join(m.frame for m in batch)
+            peers = list(self._targets(batch[0]))
+            return self._write(_Batch(self._batches, first, last, peers, blob, len(batch), None))
+        shares = self._shares(batch)
+        return self._write(_Batch(self._batches, first, last, list(shares), None, 0, shares))
+
+    def pending_from(self, peer: Peer) -> int | None:
+        """The first history index of the half-written batch if C{peer}'s share of it is not written yet."""
+        batch, outbox = self._inflight, peer.outbox
+        if (
+            batch is not None
+            and outbox.live
+            and outbox.caught_up_to < batch.first
+            and outbox.batch_done != batch.id
+            and (batch.shares is None or peer in batch.shares)
+        ):
+            return batch.first
+        return None
+
+    def _shares(self, batch: list[Message]) -> dict[Peer, tuple[bytes, int] | None]:
+        # consecutive messages to the same audience are joined once and shared, like broadcasts
+        runs: list[tuple[Message, list[bytes]]] = []
+        for message in batch:
+            last = runs[-1][0] if runs else None
+            if last is not None and (last.channel, last.user) == (message.channel, message.user):
+                runs[-1][1].append(message.frame)
+            else:
+                runs.append((message, [message.frame]))
+        out: dict[Peer, list[tuple[bytes, int]]] = {}
+        for first, frames in runs:
+            blob = frames[0] if len(frames) == 1 else b"".join(frames)
+            for peer in self._targets(first):
+                out.setdefault(peer, []).append((blob, len(frames)))
+        shares: dict[Peer, tuple[bytes, int] | None] = {}
+        for peer, parts in out.items():
+            if len(parts) == 1:
+                shares[peer] = parts[0]
+            elif sum(len(blob) for blob, _ in parts) <= SHARE_LIMIT:
+                shares[peer] = (b"".join(blob for blob, _ in parts), sum(n for _, n in parts))
+            else:
+                shares[peer] = None
+        return shares
+
+    def _write(self, batch: _Batch) -> Deferred[None] | None:
+        if len(batch.peers) <= SLICE:
+            self._write_slice(batch, 0, None)
+            return None
+        done: Deferred[None] = Deferred()
+        self._inflight = batch
+        self._write_slice(batch, 0, done)
+        return done
+
+    def _write_slice(self, batch: _Batch, start: int, done: Deferred[None] | None) -> None:
+        end = start + SLICE
+        first, bid = batch.first, batch.id
+        for peer in batch.peers[start:end]:
+            outbox = peer.outbox
+            # skipped: not live (it catches up from history), or it already caught up past this batch
+            if not outbox.live or outbox.caught_up_to >= first or outbox.batch_done == bid:
+                continue
+            outbox.batch_done = bid
+            try:
+                if batch.shares is None:
+                    assert batch.blob is not None
+                    outbox.offer(batch.blob, batch.count)
+                else:
+                    share = batch.shares[peer]
+                    if share is None:
+                        outbox.behind(first - 1)
+                    else:
+                        outbox.offer(*share)
+            except Exception:
+                self._log.failure("delivery to one connection failed; going on with the next")
+        if end < len(batch.peers):
+            self._clock.callLater(0, self._write_slice, batch, end, done)
+        elif done is not None:
+            self._inflight = None
+            done.callback(None)
