@@ -78,6 +78,24 @@ def text_list(text: str) -> tuple[str, ...]:
     return tuple(item for item in (p.strip() for p in text.replace("\n", ",").split(",")) if item)
 
 
+def rate(text: str) -> float:
+    value = float(text)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError("must be a number per second above 0")
+    return value
+
+
+def networks(text: str) -> tuple[str, ...]:
+    """Comma-separated networks (CIDR), or the word `unix` for unix-socket clients."""
+    import ipaddress
+
+    items = text_list(text)
+    for item in items:
+        if item != "unix":
+            ipaddress.ip_network(item, strict=False)  # ValueError names the bad one
+    return items
+
+
 def optional_redis(text: str) -> RedisAddress:
     return parse_redis_url(text)
 
@@ -133,7 +151,14 @@ OPTIONS: tuple[Option, ...] = (
         positive_int,
         "Connections from one client address (after --trusted-proxies); more get HTTP 429.",
     ),
-    Option("address-handshake-rate", "20", seconds, "Handshakes per second one client address may sustain..."),
+    Option(
+        "address-limits-exempt",
+        "127.0.0.0/8,::1/128,10.0.0.0/8,172.16.0.0/12,192.168.0.0/16,fc00::/7,unix",
+        networks,
+        "Client addresses (networks, or `unix`) the per-address limits spare: by default loopback and "
+        "private networks, where your own proxies usually are. Empty: limit every address.",
+    ),
+    Option("address-handshake-rate", "20", rate, "Handshakes per second one client address may sustain..."),
     Option("address-handshake-burst", "100", positive_int, "...with this burst; beyond: HTTP 429."),
     Option("http-timeout", "10", seconds, "Seconds a plain HTTP connection may live (one request each)."),
     Option(
@@ -159,7 +184,7 @@ OPTIONS: tuple[Option, ...] = (
         "Listen backlog for tcp/ssl/unix endpoints that set none (Twisted's 50 drops reconnect storms).",
     ),
     Option("max-subscriptions", "100", positive_int, "Channels one connection may subscribe to."),
-    Option("client-rate", "50", seconds, "Client frames per second allowed per connection (token bucket)..."),
+    Option("client-rate", "50", rate, "Client frames per second allowed per connection (token bucket)..."),
     Option("client-burst", "100", positive_int, "...with this burst; a reconnect does not refill it."),
     Option(
         "slow-client-bytes",
@@ -237,6 +262,7 @@ class Config:
     max_connections: int = _default("max-connections")
     max_http_connections: int = _default("max-http-connections")
     max_connections_per_address: int = _default("max-connections-per-address")
+    address_limits_exempt: tuple[str, ...] = _default("address-limits-exempt")
     address_handshake_rate: float = _default("address-handshake-rate")
     address_handshake_burst: int = _default("address-handshake-burst")
     http_timeout: float = _default("http-timeout")

@@ -63,12 +63,14 @@ class PushService(Service):
         from .auth import AuthError, Policy, TokenVerifier
         from .bus import Bus
         from .history import History
+        from .http import PortFactory
         from .hub import Hub
         from .ingest import IngestRules
+        from .limits import AddressLimits
         from .metrics import Stats
         from .session import Node
         from .strictjson import JSONRules
-        from .web import make_port_factory
+        from .web import make_site
         from .websocket import PushFactory
         from .wire import text_frame
 
@@ -87,8 +89,9 @@ class PushService(Service):
             return verifier.verify(token)
 
         node = Node(reactor, config, hub, bus, stats, Policy(config.client_publish), rules, verify)
-        run.factory = factory = PushFactory(node)
-        self._listen(reactor, make_port_factory(reactor, factory, bus, stats, config.demo, config.handshake_timeout))
+        addresses = AddressLimits(reactor, config)
+        run.factory = factory = PushFactory(node, addresses)
+        self._listen(reactor, PortFactory(reactor, factory, make_site(bus, stats, config.demo), addresses, config))
 
     def startService(self) -> None:
         from twisted.internet import reactor

@@ -17,12 +17,14 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import _internals
 from .auth import AuthError, Grant, normalize_origin
-from .limits import TokenBucket
+from .limits import AddressLimits, TokenBucket
 from .session import Node, Query, Session
 from .wire import check_channel, parse_offset
 
@@ -68,6 +70,9 @@ class PushProtocol(WebSocketServerProtocol):
 
     # Defaults live on the class: an instance only stores what changes (memory per connection).
     session: Session | None = None
+    #: Set by the port's router: the client address whose slot this connection holds (None: not through it).
+    client_address: str | None = None
+    _bucket: TokenBucket | None = None
     _grant: Grant | None = None
     _query_seen: Query = Query()
 
@@ -109,7 +114,12 @@ class PushProtocol(WebSocketServerProtocol):
             setattr(self, name, None)
         f.open_protocols.add(self)
         config = f.node.config
-        bucket = TokenBucket(f.node.clock, config.client_rate, config.client_burst)
+        address = self.client_address
+        bucket = self._bucket = (
+            f.addresses.frame_bucket(address)
+            if address is not None
+            else TokenBucket(f.node.clock, config.client_rate, config.client_burst)
+        )
         self.session = Session(f.node, self, self._query_seen, self._grant, str(self.peer), bucket)
         self.session.open()
 
@@ -166,6 +176,20 @@ class PushProtocol(WebSocketServerProtocol):
             self.factory.node.stats.connections -= 1
             self.factory.open_protocols.discard(self)
 
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)  # onClose runs in here
+        # Twisted calls this once per connection, opened or not (refused, 503, closed mid-handshake)
+        address, self.client_address = self.client_address, None
+        if address is not None:
+            if self._bucket is not None:
+                self.factory.addresses.save_frame_bucket(address, self._bucket)
+            self.factory.addresses.release(address)
+
+    def sendHttpErrorResponse(self, code: int, reason: str, responseHeaders: Any = None) -> None:
+        # Autobahn's refusals (403, 503, ...) name no server; every answer of the node does
+        headers = [("Server", self.factory.server), *(responseHeaders or ())]
+        super().sendHttpErrorResponse(code, reason, headers)
+
     def close_for_shutdown(self) -> None:
         if self.state == _OPEN:
             if self.session is not None:
@@ -178,10 +202,12 @@ class PushFactory(WebSocketServerFactory):
 
     protocol = PushProtocol  # type: ignore[assignment]
 
-    def __init__(self, node: Node) -> None:
+    def __init__(self, node: Node, addresses: AddressLimits | None = None) -> None:
         super().__init__(server="pushservice")
         config = node.config
         self.node = node
+        #: per-address slots and frame budgets, shared with the port's router
+        self.addresses = addresses if addresses is not None else AddressLimits(node.clock, config)
         self.open_protocols: set[PushProtocol] = set()
         self._origins = tuple(normalize_origin(o) for o in config.allowed_origins)
         # setProtocolOptions resets allowNullOrigin each call: one call, everything spelled out
