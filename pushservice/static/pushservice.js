@@ -1,15 +1,69 @@
 /*
  * pushservice.js - dependency-free browser client for pushservice.
  *
- *   const ps = new PushService();                 // ws(s)://<location.host>/
+ *   const ps = new PushService(url?, options?);   // url: ws(s)://<location.host>/
  *   ps.on("message", (content, msg) => ...);
+ *   ps.on("gap", (info) => reloadStateFromYourBackend());
  *   await ps.subscribe("news");
  *   await ps.publish({hello: 1}, {channel: "news"});
  *
  * Plain ES2017, no modules: load it with <script src="/pushservice.js"> and
  * use the global `PushService`. It reconnects with exponential backoff and
  * jitter and, on reconnect, resumes from the last offset it saw (`since=`),
- * so the server replays whatever was missed while it was away.
+ * so the server replays whatever was missed while it was away; where it
+ * cannot, the client says so with a "gap" event.
+ *
+ * Options:
+ *   channels   names subscribed from the first connect ([])
+ *   token      a JWT string, or a function returning one (or a Promise of
+ *              one), called before every connect so an app can refresh an
+ *              expiring token; null for none. It is sent in the first frame
+ *              ({"type":"auth"}; the URL only says auth=1), never in a URL:
+ *              proxies and servers log URLs.
+ *   minDelay, maxDelay   reconnect backoff bounds, ms (250, 10000)
+ *
+ * Methods:
+ *   subscribe(channel, {since}?)  Promise of the "subscribed" reply; since
+ *                       defaults to lastOffset (null: no replay)
+ *   unsubscribe(channel)          Promise of the "unsubscribed" reply
+ *   publish(content, {channel}?)  Promise of the ack (rejects at once when not open)
+ *   setToken(token)     a new token (same forms as the option), used from the
+ *                       next connect; restarts a client stopped by a refusal
+ *   close()             stops for good
+ *   on(event, fn) / off(event, fn?)
+ * Properties: state, lastOffset (the resume point), channels (a Set), url.
+ * Requests made while not open wait for the next open; close() rejects them.
+ *
+ * Events:
+ *   message (content, msg)  msg is the frame {content, channel (null: a
+ *                           broadcast or your user's), offset}; duplicates
+ *                           (a replay overlapping live traffic) are dropped
+ *   state (state)           "connecting" | "open" | "closed"
+ *   open ()                 authenticated and joined: requests go out now.
+ *                           On a reconnect, "resumed" (and "gap") come first,
+ *                           then "open", then the replayed messages.
+ *   close (CloseEvent)      the socket closed; it reconnects unless stopped
+ *   error (err)             an Error with err.code: a server error code
+ *                           ("forbidden", "rate_limited", ...; err.frame), or
+ *                           "auth_required" (close 4001) / "token_expired"
+ *                           (close 4003; err.closeCode), "token_refused" (the
+ *                           token function gave the refused token again),
+ *                           "token_unavailable" (it threw or rejected),
+ *                           "network", "bad_frame". A refused token (auth
+ *                           error, 4001, 4003) stops reconnecting, and the
+ *                           error has err.fatal = true, unless `token` is a
+ *                           function (it is asked again); setToken() restarts.
+ *   resumed (frame)         {since, recovered}: the answer to a reconnect's since
+ *   gap (info)              you may have missed messages: reload your state.
+ *                           info = {reason, channel?, frame}; reason is
+ *                           "resume" (resumed, recovered false), "subscribe"
+ *                           (subscribed, recovered false; info.channel), or the
+ *                           server's gap frame's: "trimmed" | "reset". One event
+ *                           per such frame.
+ *   subscribed (frame) / unsubscribed (frame)   replies to (un)subscribe
+ *
+ * Every frame is sent with "id" as its first member: the server echoes the
+ * id even on errors for frames it does not parse (too_large, rate_limited).
  */
 (function (root) {
   "use strict";
@@ -40,9 +94,12 @@
     return (loc.protocol === "https:" ? "wss://" : "ws://") + (loc.host || "127.0.0.1:8000") + "/";
   }
 
-  function makeError(code, message) {
-    return Object.assign(new Error(message || code), { code: code });
+  function makeError(code, message, extra) {
+    return Object.assign(new Error(message || code), { code: code }, extra);
   }
+
+  // Close codes that refuse the token (or its absence): README "Wire protocol".
+  const AUTH_CLOSES = { 4001: "auth_required", 4003: "token_expired" };
 
   class PushService {
     constructor(url, options) {
@@ -53,20 +110,22 @@
       this.channels = new Set(opts.channels || []);  // the wanted subscriptions
       this.lastOffset = null;    // highest offset seen: the resume point
       this.state = "closed";
+      // What the server accepted: the connect query carries these; the rest is asked for by frame.
+      this._confirmed = new Set(this.channels);
       this._streamOffsets = {};  // channel ("" = broadcast) -> last offset seen
       this._handlers = {};
       this._pending = new Map(); // request id -> {resolve, reject, kind, channel}
-      this._waitOpen = [];       // (un)subscribes settled by the next connect query
+      this._waitOpen = [];       // requests made while not open: settled on the next open
       this._nextId = 1;
       this._attempt = 0;
       this._timer = null;
-      this._ws = null;
-      this._closed = false;
+      this._conn = null;         // the current attempt: {ws, token, channels, since, ready, refusal}
+      this._closed = false;      // close() was called
+      this._stopped = false;     // a refused token stopped reconnecting (setToken restarts)
+      this._refused = undefined; // the token value last refused (null: "no token")
       if (root.addEventListener) {
         // Back online: skip whatever backoff is left.
-        root.addEventListener("online", () => {
-          if (this._timer) { clearTimeout(this._timer); this._connect(); }
-        });
+        root.addEventListener("online", () => { if (this._timer) this._connect(); });
       }
       this._connect();
     }
@@ -82,26 +141,37 @@
       return this;
     }
 
-    subscribe(channel) {
+    subscribe(channel, options) {
       this.channels.add(channel);
-      const frame = { type: "subscribe", channel: channel };
-      // The server replays that channel's messages after this offset, so
-      // nothing published since our resume point is missed.
-      if (this.lastOffset != null) frame.since = this.lastOffset;
-      return this._request(frame, "subscribe", channel);
+      const since = options && "since" in options ? options.since : undefined;
+      return this._request({ kind: "subscribe", channel: channel, since: since });
     }
 
     unsubscribe(channel) {
       this.channels.delete(channel);
+      this._confirmed.delete(channel);
       delete this._streamOffsets[channel];
-      return this._request({ type: "unsubscribe", channel: channel }, "unsubscribe", channel);
+      return this._request({ kind: "unsubscribe", channel: channel });
     }
 
     publish(content, options) {
-      const frame = { type: "message", content: content };
-      if (options && options.channel) frame.channel = options.channel;
       if (!this._isOpen()) return Promise.reject(makeError("unavailable", "not connected"));
-      return this._request(frame, "publish");
+      const body = { type: "message", content: content };
+      if (options && options.channel) body.channel = options.channel;
+      return new Promise((resolve, reject) => {
+        this._send(body, { resolve: resolve, reject: reject, kind: "publish" });
+      });
+    }
+
+    setToken(token) {
+      this.options.token = token;
+      this._refused = undefined;
+      if (this._stopped && !this._closed) {
+        this._stopped = false;
+        this._attempt = 0;
+        this._connect();
+      }
+      return this;
     }
 
     close() {
@@ -109,13 +179,21 @@
       clearTimeout(this._timer);
       this._timer = null;
       for (const w of this._waitOpen.splice(0)) w.reject(makeError("closed", "client closed"));
-      if (this._ws) this._ws.close(1000);
-      else this._setState("closed");
+      const conn = this._conn;
+      if (conn && conn.ws) {
+        conn.ws.close(1000);  // onclose finishes the job
+      } else {
+        this._conn = null;    // a token being fetched is dropped when it comes
+        this._setState("closed");
+      }
     }
 
     // -- internals ---------------------------------------------------------
 
-    _isOpen() { return !!this._ws && this._ws.readyState === 1; }
+    _isOpen() {
+      const c = this._conn;
+      return !!c && c.ready && c.ws.readyState === 1;
+    }
 
     _emit(event, ...args) {
       for (const h of (this._handlers[event] || []).slice()) {
@@ -128,68 +206,161 @@
       if (state !== this.state) { this.state = state; this._emit("state", state); }
     }
 
-    _request(frame, kind, channel) {
+    _request(w) {
       return new Promise((resolve, reject) => {
-        if (!this._isOpen()) {
-          // Not connected: the connect query will carry this.channels, which
-          // already reflects the change, so it settles on the next open.
-          if (this._closed) return reject(makeError("closed", "client closed"));
-          this._waitOpen.push({ resolve: resolve, reject: reject, type: kind + "d", channel: channel });
-          return;
-        }
-        frame.id = this._nextId++;
-        this._pending.set(frame.id, { resolve: resolve, reject: reject, kind: kind, channel: channel });
-        this._ws.send(JSON.stringify(frame));
+        w.resolve = resolve;
+        w.reject = reject;
+        if (this._isOpen()) this._sendChannelRequest(w);
+        else if (this._closed) reject(makeError("closed", "client closed"));
+        else this._waitOpen.push(w);
       });
     }
 
-    _buildUrl() {
-      const q = [];
-      if (this.channels.size) q.push("channels=" + [...this.channels].map(encodeURIComponent).join(","));
-      if (this.lastOffset != null) q.push("since=" + encodeURIComponent(this.lastOffset));
-      if (this.options.token) q.push("token=" + encodeURIComponent(this.options.token));
-      if (!q.length) return this.url;
-      return this.url + (this.url.indexOf("?") < 0 ? "?" : "&") + q.join("&");
+    _sendChannelRequest(w) {
+      const body = { type: w.kind, channel: w.channel };
+      if (w.kind === "subscribe") {
+        // The server replays that channel's messages after this offset, so
+        // nothing published since our resume point is missed.
+        const since = w.since === undefined ? this.lastOffset : w.since;
+        if (since != null) body.since = String(since);
+      }
+      this._send(body, w);
+    }
+
+    _send(body, pending) {
+      const id = this._nextId++;
+      // "id" first: the server echoes it even for a frame it does not parse.
+      const frame = Object.assign({ id: id }, body);
+      this._pending.set(id, pending);
+      this._conn.ws.send(JSON.stringify(frame));
+    }
+
+    _token() {
+      return new Promise((resolve) => {
+        const t = this.options.token;
+        resolve(typeof t === "function" ? t() : t);
+      }).then((t) => (t == null || t === "" ? null : String(t)));
     }
 
     _connect() {
+      clearTimeout(this._timer);
       this._timer = null;
-      if (this._closed) return;
+      if (this._closed || this._stopped || this._conn) return;
+      const conn = { ws: null, token: null, channels: null, since: false, ready: false, refusal: null, openedAt: 0 };
+      this._conn = conn;
       this._setState("connecting");
+      this._token().then((token) => {
+        if (this._conn !== conn) return;  // closed meanwhile
+        if (token === this._refused) {
+          this._conn = null;
+          this._stop(makeError("token_refused", "the server refused this token: call setToken() with a new one"));
+          return;
+        }
+        conn.token = token;
+        this._open(conn);
+      }, (e) => {
+        if (this._conn !== conn) return;
+        this._conn = null;
+        this._setState("closed");
+        this._emit("error", makeError("token_unavailable", "the token function failed: " + ((e && e.message) || e), { cause: e }));
+        this._scheduleReconnect();
+      });
+    }
+
+    _open(conn) {
+      // Only channels the server accepted go in the query (a refused one there would refuse
+      // the whole connect); a comma cannot be in a query channel: the server splits on it.
+      const channels = [...this._confirmed].filter((c) => this.channels.has(c) && c.indexOf(",") < 0);
+      const q = [];
+      if (channels.length) q.push("channels=" + channels.map(encodeURIComponent).join(","));
+      if (this.lastOffset != null) q.push("since=" + encodeURIComponent(this.lastOffset));
+      if (conn.token != null) q.push("auth=1");  // the token comes in the first frame, never in the URL
+      conn.channels = new Set(channels);
+      conn.since = this.lastOffset != null;
+      const url = q.length ? this.url + (this.url.indexOf("?") < 0 ? "?" : "&") + q.join("&") : this.url;
       let ws;
       try {
-        ws = new WebSocket(this._buildUrl());
+        ws = new WebSocket(url);
       } catch (e) {
-        this._emit("error", e);
+        this._conn = null;
+        this._setState("closed");
+        this._emit("error", makeError("network", "cannot open a WebSocket: " + e.message, { cause: e }));
         this._scheduleReconnect();
         return;
       }
-      this._ws = ws;
-      let openedAt = 0;
-      ws.onopen = (ev) => {
-        openedAt = Date.now();
-        this._setState("open");
-        for (const w of this._waitOpen.splice(0)) w.resolve({ type: w.type, channel: w.channel });
-        this._emit("open", ev);
+      conn.ws = ws;
+      ws.onopen = () => {
+        if (this._conn !== conn) return;
+        conn.openedAt = Date.now();
+        if (conn.token == null) { this._authenticated(conn); return; }
+        this._send({ type: "auth", token: conn.token }, {
+          kind: "auth",
+          resolve: () => this._authenticated(conn),
+          reject: (err) => { conn.refusal = err; ws.close(1000, "auth refused"); },
+        });
       };
-      ws.onmessage = (ev) => this._onFrame(ev.data);
-      ws.onerror = (ev) => this._emit("error", ev);
-      ws.onclose = (ev) => {
-        if (this._ws !== ws) return;
-        this._ws = null;
-        // Only a connection that lived a while resets the backoff: a server
-        // that accepts and then drops us at once must not be hammered.
-        if (openedAt && Date.now() - openedAt > 5000) this._attempt = 0;
-        for (const [, p] of this._pending) {
-          if (p.kind === "publish") p.reject(makeError("unavailable", "connection closed before ack"));
-          else if (this._closed) p.reject(makeError("closed", "client closed"));
-          else this._waitOpen.push({ resolve: p.resolve, reject: p.reject, type: p.kind + "d", channel: p.channel });
+      ws.onmessage = (ev) => { if (this._conn === conn) this._onFrame(conn, ev.data); };
+      ws.onerror = (ev) => {
+        if (this._conn === conn) this._emit("error", makeError("network", "WebSocket error", { event: ev }));
+      };
+      ws.onclose = (ev) => this._onClose(conn, ev);
+    }
+
+    _authenticated(conn) {
+      // With a since, the server answers it ("resumed") before anything replayed: open then.
+      if (!conn.since) this._ready(conn);
+    }
+
+    _ready(conn) {
+      if (conn.ready) return;
+      conn.ready = true;
+      this._setState("open");
+      for (const w of this._waitOpen.splice(0)) {
+        if (w.kind === "unsubscribe" || conn.channels.has(w.channel)) {
+          w.resolve({ type: w.kind + "d", channel: w.channel });  // the connect query did it
+        } else if (!this.channels.has(w.channel)) {
+          w.reject(makeError("cancelled", "unsubscribed before the server was asked"));
+        } else {
+          this._sendChannelRequest(w);
         }
-        this._pending.clear();
-        this._setState("closed");
-        this._emit("close", ev);
-        if (!this._closed) this._scheduleReconnect();
-      };
+      }
+      this._emit("open");
+    }
+
+    _onClose(conn, ev) {
+      if (this._conn !== conn) return;
+      this._conn = null;
+      // Only a connection that lived a while resets the backoff: a server
+      // that accepts and then drops us at once must not be hammered.
+      if (conn.openedAt && Date.now() - conn.openedAt > 5000) this._attempt = 0;
+      for (const [, p] of this._pending) {
+        if (p.kind === "auth") continue;
+        if (p.kind === "publish") p.reject(makeError("unavailable", "connection closed before ack"));
+        else if (this._closed) p.reject(makeError("closed", "client closed"));
+        else this._waitOpen.push(p);
+      }
+      this._pending.clear();
+      let refusal = conn.refusal;
+      if (!refusal && AUTH_CLOSES[ev.code]) {
+        refusal = makeError(AUTH_CLOSES[ev.code], ev.reason || AUTH_CLOSES[ev.code], { closeCode: ev.code });
+      }
+      this._setState("closed");
+      this._emit("close", ev);
+      if (this._closed) return;
+      if (refusal) {
+        this._refused = conn.token;
+        // A fixed token would be refused again; a token function is asked for a new one.
+        if (typeof this.options.token !== "function") { this._stop(refusal); return; }
+        this._emit("error", refusal);
+      }
+      this._scheduleReconnect();
+    }
+
+    _stop(err) {
+      this._stopped = true;
+      this._setState("closed");
+      err.fatal = true;
+      this._emit("error", err);
     }
 
     _scheduleReconnect() {
@@ -200,11 +371,23 @@
       this._timer = setTimeout(() => this._connect(), delay);
     }
 
-    _onFrame(data) {
+    _onFrame(conn, data) {
       let msg;
-      try { msg = JSON.parse(data); } catch (e) { this._emit("error", e); return; }
+      try {
+        msg = JSON.parse(data);
+      } catch (e) {
+        this._emit("error", makeError("bad_frame", "the server sent a frame that is not JSON", { cause: e }));
+        return;
+      }
       if (!msg || typeof msg !== "object") return;
-      if (msg.type === "message") return this._onMessage(msg);
+      if (msg.type === "message") return this._onMessage(conn, msg);
+      if (msg.type === "resumed") {
+        this._emit("resumed", msg);
+        if (msg.recovered === false) this._gap("resume", msg);
+        this._ready(conn);
+        return;
+      }
+      if (msg.type === "gap") return this._gap(msg.reason || "unknown", msg);
       let id = msg.id;
       if ((msg.type === "subscribed" || msg.type === "unsubscribed") && !this._pending.has(id)) {
         // The contract does not promise an echoed id on these replies: match
@@ -217,17 +400,26 @@
       const p = id != null ? this._pending.get(id) : undefined;
       if (p) this._pending.delete(id);
       if (msg.type === "error") {
-        const err = Object.assign(makeError(msg.code || "error", msg.message), { frame: msg });
-        if (p && p.kind === "subscribe") this.channels.delete(p.channel);
+        const err = makeError(msg.code || "error", msg.message, { frame: msg });
+        if (p && p.kind === "subscribe") { this.channels.delete(p.channel); this._confirmed.delete(p.channel); }
         if (p) p.reject(err); else this._emit("error", err);
         return;
       }
+      if (msg.type === "subscribed" && p && this.channels.has(p.channel)) this._confirmed.add(p.channel);
       if (p) p.resolve(msg);
       // ack, subscribed, unsubscribed; unknown types are ignored (forward compatible)
       if (msg.type === "subscribed" || msg.type === "unsubscribed") this._emit(msg.type, msg);
+      if (msg.type === "subscribed" && msg.recovered === false) this._gap("subscribe", msg, msg.channel);
     }
 
-    _onMessage(msg) {
+    _gap(reason, frame, channel) {
+      const info = { reason: reason, frame: frame };
+      if (channel !== undefined) info.channel = channel;
+      this._emit("gap", info);
+    }
+
+    _onMessage(conn, msg) {
+      this._ready(conn);  // a server that sent no "resumed" has joined all the same
       const off = msg.offset;
       if (off != null) {
         // Belt and braces against duplicates from a replay overlapping live
