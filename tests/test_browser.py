@@ -46,11 +46,14 @@ RECORDER = """
 })();
 """
 
-pytestmark = pytest.mark.skipif(
-    not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-    reason="headless browser tests need Debian's chromium and chromium-driver "
-    "(%s, %s): apt-get install chromium chromium-driver" % (CHROMIUM, CHROMEDRIVER),
-)
+pytestmark = [
+    pytest.mark.slow,  # real Chromium and twistd: the quick loop skips them
+    pytest.mark.skipif(
+        not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
+        reason="headless browser tests need Debian's chromium and chromium-driver "
+        "(%s, %s): apt-get install chromium chromium-driver" % (CHROMIUM, CHROMEDRIVER),
+    ),
+]
 
 
 @pytest.fixture

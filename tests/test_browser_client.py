@@ -8,6 +8,7 @@ helpers come from test_browser.py.
 import json
 import time
 
+import pytest
 from test_browser import browser, mint, secret_file, sockets, wait_for  # noqa: F401 (browser is a fixture)
 
 pytestmark = pytest.mark.slow  # real Chromium and twistd: the quick loop skips them
