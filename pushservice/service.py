@@ -14,7 +14,7 @@ from twisted.logger import Logger
 
 from .config import Config
 
-__all__ = ["PushService"]
+__all__ = ["Parts", "PushService"]
 
 
 def _with_backlog(description: str, backlog: int) -> str:
@@ -25,7 +25,7 @@ def _with_backlog(description: str, backlog: int) -> str:
     return description
 
 
-class _Running:
+class Parts:
     """The live objects of a started service; never pickled."""
 
     def __init__(self) -> None:
@@ -45,12 +45,17 @@ class PushService(Service):
     def __init__(self, config: Config) -> None:
         self.config = config
         self.name = "pushservice"
-        self._running: _Running | None = None
+        self._running: Parts | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         state = {k: v for k, v in self.__dict__.items() if k not in ("_running", "running")}
         state["_running"] = None
         return state
+
+    @property
+    def parts(self) -> Parts | None:
+        """The live objects of the started service (ports, hub, bus, factory), or None when stopped: for embedding and tests."""
+        return self._running
 
     def privilegedStartService(self) -> None:
         """Bind the ports and read keys and the token secret before twistd drops privileges (--uid)."""
@@ -75,7 +80,7 @@ class PushService(Service):
         from .wire import text_frame
 
         config = self.config
-        run = self._running = _Running()
+        run = self._running = Parts()
         stats = Stats()
         rules = JSONRules(config.max_json_depth, config.max_number_length)
         hub = Hub(History(config.history, config.history_bytes), stats, reactor, config.slow_client_seconds)
@@ -122,7 +127,7 @@ class PushService(Service):
                 host = address.host if address.host not in ("0.0.0.0", "::") else "127.0.0.1"
                 self._log.info("demo page: http://{host}:{port}/", host=host, port=address.port)
 
-    async def _connect(self, reactor: Any, run: _Running) -> None:
+    async def _connect(self, reactor: Any, run: Parts) -> None:
         address = self.config.redis
         if address is None:
             from .localredis import LocalRedis
@@ -163,7 +168,7 @@ class PushService(Service):
         d.addBoth(finished)
         return done
 
-    async def _stop(self, run: _Running) -> None:
+    async def _stop(self, run: Parts) -> None:
         """Stop accepting, close clients with 1001, stop the Redis loops, then Redis."""
         await defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in run.ports])
         clients = run.factory.connections()

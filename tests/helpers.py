@@ -51,7 +51,7 @@ class Node:
 
     @property
     def running(self) -> Any:
-        return self.service._running
+        return self.service.parts
 
     @property
     def hub(self) -> Any:

@@ -1,0 +1,94 @@
+"""
+Every private internal of another library that pushservice uses still exists
+and still means what pushservice/_internals.py says: run this first when
+upgrading Twisted, Autobahn or txredisapi (README, "Upgrading the libraries").
+"""
+
+from __future__ import annotations
+
+import inspect
+import socket
+
+from autobahn.twisted.websocket import WebSocketServerProtocol
+from twisted.internet import abstract, tcp
+from twisted.protocols.policies import ProtocolWrapper
+
+from pushservice import _internals
+
+
+def test_twisted_write_buffer_attributes_exist():
+    """1. FileDescriptor keeps dataBuffer, offset, _tempDataBuffer and _tempDataLen, and pauses past bufferSize."""
+    for cls, name in _internals.TRANSPORT_BUFFER_ATTRIBUTES:
+        assert name in vars(cls) or name in inspect.getsource(cls), (cls, name)
+    source = inspect.getsource(abstract.FileDescriptor.write)
+    assert "_tempDataBuffer" in source and "_tempDataLen" in source and "_maybePauseProducer" in source
+    assert abstract.FileDescriptor.bufferSize == 65536
+    assert issubclass(tcp.Connection, abstract.FileDescriptor)
+
+
+def test_send_now_and_queued_on_a_real_tcp_transport():
+    """1. transport_queued and send_now read a real connection's buffer and write to its socket."""
+    from twisted.internet import reactor
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.connect(listener.getsockname())
+    accepted, _ = listener.accept()
+    try:
+        transport = tcp.Server(accepted, _Null(), ("127.0.0.1", 1), None, 1, reactor)
+        assert _internals.transport_queued(transport) == 0
+        assert _internals.send_now(transport, b"hello") == 5
+        assert client.recv(5) == b"hello"
+        transport.write(b"queued")  # not flushed until the reactor writes: now something is queued
+        assert _internals.transport_queued(transport) == 6
+        assert _internals.send_now(transport, b"x") == 0  # would overtake what is queued
+        assert _internals.transport_queued(object()) == 0 and _internals.send_now(object(), b"x") == 0
+        transport.stopWriting()
+    finally:
+        for s in (client, accepted, listener):
+            s.close()
+
+
+def test_transport_protocol_can_be_replaced():
+    """2. tcp.Connection delivers data to its .protocol attribute; ProtocolWrapper to its .wrappedProtocol."""
+    assert "self.protocol.dataReceived" in inspect.getsource(tcp.Connection._dataReceived)
+    assert "wrappedProtocol.dataReceived" in inspect.getsource(ProtocolWrapper.dataReceived)
+
+
+def test_autobahn_names_its_per_connection_options():
+    """3. Autobahn's protocol lists the options it copies from the factory in CONFIG_ATTRS."""
+    names = _internals.protocol_option_names(WebSocketServerProtocol)
+    assert {"maxFramePayloadSize", "autoPingInterval", "openHandshakeTimeout", "trustXForwardedFor"} <= set(names)
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    assert "CONFIG_ATTRS" in inspect.getsource(WebSocketProtocol._connectionMade)
+
+
+def test_parse_server_endpoint_opens_nothing():
+    """4. endpoints._parseServer parses an endpoint string into (kind, args, kwargs)."""
+    kind, args, kwargs = _internals.parse_server_endpoint("tcp:8000:interface=127.0.0.1")
+    assert (kind, args[0], kwargs["interface"]) == ("TCP", 8000, "127.0.0.1")
+
+
+def test_txredisapi_protocol_factory_contract():
+    """5. txredisapi's protocol calls factory.stopTrying/connectionError and reads isLazy when AUTH fails."""
+    import txredisapi
+
+    source = inspect.getsource(txredisapi.BaseRedisProtocol.connectionMade)
+    assert "self.factory.stopTrying()" in source
+    assert "self.factory.connectionError(" in source
+    assert "self.factory.isLazy" in source
+    for name in ("whenConnected", "whenDisconnected", "execute_command", "replyReceived"):
+        assert callable(getattr(txredisapi.RedisProtocol, name)), name
+    assert "replyTimeout" in inspect.signature(txredisapi.BaseRedisProtocol.__init__).parameters
+
+
+class _Null:
+    def makeConnection(self, transport: object) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: object = None) -> None:
+        pass
