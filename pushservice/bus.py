@@ -193,18 +193,22 @@ class Bus:
         return d.addCallback(bool)
 
     async def sample_queue(self) -> None:
-        """Update the queue depth and the (approximate) age of its oldest item, for /metrics."""
-        queue = self._config.queue
+        """
+        Update the queue depth and how long the queue has gone without an
+        item moved (the age of its oldest item, near enough), for /metrics:
+        LLEN and the log's sequence counter, never the items themselves.
+        """
+        config = self._config
         try:
-            depth = await self.request("LLEN", queue)
-            tail = await self.request("LINDEX", queue, -1) if depth else None
+            depth = await self.request("LLEN", config.queue)
+            moved = await self.request("GET", config.seq_key) if depth else None
         except Unavailable:
             self._stats.queue_depth = self._stats.queue_oldest_age = None
             return
         now = time.time()
         seen, since = self._tail_seen
-        if tail is None or tail != seen:
-            self._tail_seen = (tail, now)
+        if not depth or moved != seen:
+            self._tail_seen = (moved, now)
             since = now
         self._stats.queue_depth = int(depth)
-        self._stats.queue_oldest_age = now - since if tail is not None else 0.0
+        self._stats.queue_oldest_age = now - since

@@ -14,8 +14,8 @@ An item is exactly one of:
   - a broadcast of the item's text as a string (L{Entry} without audience).
 
 "Looks meant for an audience" is decided on the text, never on whether it
-parses: after an optional BOM and any Unicode whitespace, control or format
-characters, the first character is ``{``. Such an item is either a strict
+parses: after an optional BOM and any Unicode whitespace, control, format,
+combining, unassigned or blank characters, the first character is ``{``. Such an item is either a strict
 JSON object or undeliverable; an object without ``content`` that names
 ``channel`` or ``user`` is undeliverable too; any other object is broadcast
 verbatim. So no byte string can turn a message meant for one user or channel
@@ -37,8 +37,11 @@ __all__ = ["Entry", "IngestRules", "Undeliverable", "check_user", "looks_like_an
 
 MAX_USER = 255
 
-# characters skipped before deciding whether an item "looks like" an object
-_INVISIBLE = {"Cc", "Cf", "Zs", "Zl", "Zp"}
+# characters skipped before deciding whether an item "looks like" an object: whitespace,
+# controls, format characters, combining marks, private use, unassigned, and the letters
+# and symbols that render as blanks (Hangul fillers, Khmer inherent vowels, Braille blank)
+_INVISIBLE = {"Cc", "Cf", "Cs", "Co", "Cn", "Zs", "Zl", "Zp", "Mn", "Me"}
+_BLANK = set("\u115f\u1160\u17b4\u17b5\u180e\u2800\u3164\uffa0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,7 @@ def looks_like_an_object(text: str) -> bool:
     for char in text:
         if char == "{":
             return True
-        if not (char.isspace() or unicodedata.category(char) in _INVISIBLE):
+        if not (char.isspace() or char in _BLANK or unicodedata.category(char) in _INVISIBLE):
             return False
     return False
 
@@ -83,8 +86,22 @@ def looks_like_an_object(text: str) -> bool:
 class IngestRules:
     """Classifies producers' items with one set of JSON rules."""
 
-    def __init__(self, json_rules: JSONRules) -> None:
+    def __init__(self, json_rules: JSONRules, max_item_size: int = 2 * 1024 * 1024) -> None:
         self._json = json_rules
+        # encoded content can outgrow its item: a raw control character becomes a 6-byte escape
+        self._max_content = 6 * max_item_size + 2
+
+    def check_content(self, content: bytes) -> bytes:
+        """
+        C{content} if it is what L{classify} writes: strict JSON, at most the
+        size an item can encode to.
+
+        @raise ValueError: saying why not.
+        """
+        if len(content) > self._max_content:
+            raise ValueError(f"content is {len(content)} bytes, more than an item can hold")
+        self._json.loads(content.decode("utf-8"))
+        return content
 
     def classify(self, item: bytes) -> Entry | Undeliverable:
         """Decide what C{item} is. Total: every input gets an answer."""

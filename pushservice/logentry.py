@@ -4,9 +4,12 @@ share. Pure; no Twisted, no Redis.
 
 An entry written by step.lua holds ``s`` (its sequence number), ``c`` (the
 content, JSON already checked and encoded by the node that moved it), and
-``ch`` / ``u`` when it is for a channel / a user. Building the frame is a join:
-no node parses a producer's bytes again. Entries written by pushservice 0.1
-(``k`` and ``d``, the item as pushed) are decided here with the same rules.
+``ch`` / ``u`` when it is for a channel / a user. The frame is a join of
+those bytes, but they are checked again first (strict JSON, a bounded size,
+a valid audience): whoever can write to Redis can write to the log directly,
+and no entry may put a frame on the wire that a browser cannot parse.
+Entries written by pushservice 0.1 (``k`` and ``d``, the item as pushed) are
+decided here with the same rules.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .ingest import Entry, IngestRules, Undeliverable
+from .ingest import Entry, IngestRules, Undeliverable, check_user
 from .strictjson import dumps
 from .wire import Offset, check_channel, format_offset, message_payload, parse_offset
 
@@ -57,9 +60,9 @@ def decode_entry(entry_id: bytes, fields: list[bytes], framer: Callable[[bytes],
         seq = int(values[b"s"]) if b"s" in values else None
         offset = parse_offset(entry_id.decode("ascii"))
         if b"c" in values:
-            content = values[b"c"]
+            content = rules.check_content(values[b"c"])
             channel = check_channel(values[b"ch"].decode("utf-8")) if b"ch" in values else None
-            user = values[b"u"].decode("utf-8") if b"u" in values else None
+            user = check_user(values[b"u"].decode("utf-8")) if b"u" in values else None
         elif b"d" in values:
             decided = rules.classify(values[b"d"])
             if isinstance(decided, Undeliverable):

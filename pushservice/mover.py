@@ -17,14 +17,13 @@ from importlib import resources
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from .config import Config
 from .ingest import Entry, IngestRules, Undeliverable
 from .metrics import Stats
-from .progress import Progress
-from .redislink import RedisLink, is_connection_error
+from .progress import Progress, Retries
+from .redislink import RedisLink
 
 __all__ = ["BLOCK_SECONDS", "Mover"]
 
@@ -32,8 +31,6 @@ __all__ = ["BLOCK_SECONDS", "Mover"]
 BLOCK_SECONDS = 5
 #: Bytes of items peeked (and sent back decided) per step, beyond the first item.
 PEEK_BYTES = 1024 * 1024
-#: Pause before retrying a step that failed for another reason than the connection.
-RETRY_SECONDS = 0.5
 
 _SCRIPT = resources.files("pushservice").joinpath("step.lua").read_bytes()
 _SHA = hashlib.sha1(_SCRIPT).hexdigest()
@@ -59,6 +56,7 @@ class Mover:
         self._stats = stats
         self._stopping = False
         self.progress = Progress(clock, "ingest")
+        self._retries = Retries(clock, self.progress)
 
     def stop(self) -> None:
         """Finish after the current step (BLMOVE takes nothing, so stopping loses nothing)."""
@@ -82,9 +80,14 @@ class Mover:
                 self.progress.working()
                 peeked = await self._step(peeked)
                 self.progress.stepped()
+                self._retries.succeeded()
             except Exception:
+                from twisted.python.failure import Failure
+
+                failure = Failure()
                 peeked = []
-                await self._after_error()
+                if not self._stopping:
+                    await self._retries.after(failure)
 
     async def _step(self, peeked: list[bytes | None]) -> list[bytes | None]:
         """Decide the peeked items, run the script; the next items to decide."""
@@ -134,14 +137,3 @@ class Mover:
         except Exception:
             self._log.failure("could not decide an item; dead-lettering it")
             return Undeliverable("internal error while deciding (see the node's log)")
-
-    async def _after_error(self) -> None:
-        from twisted.python.failure import Failure
-
-        failure = Failure()
-        if self._stopping:
-            return
-        if not is_connection_error(failure):
-            self._log.failure("ingest step failed; retrying", failure)
-        # the next command waits for the reconnect; this only spaces out retries
-        await deferLater(self._clock, RETRY_SECONDS, lambda: None)

@@ -85,7 +85,7 @@ class PushService(Service):
         rules = JSONRules(config.max_json_depth, config.max_number_length)
         hub = Hub(History(config.history, config.history_bytes), stats, reactor, config.slow_client_seconds)
         run.hub = hub
-        run.bus = bus = Bus(reactor, config, hub, stats, text_frame, IngestRules(rules))
+        run.bus = bus = Bus(reactor, config, hub, stats, text_frame, IngestRules(rules, config.max_item_size))
         verifier = TokenVerifier.from_file(config.token_secret_file) if config.token_secret_file else None
 
         def verify(token: str) -> Any:

@@ -30,7 +30,7 @@ local max_item = tonumber(ARGV[1])
 local peek_count = tonumber(ARGV[2])
 local peek_budget = tonumber(ARGV[3])
 local n = tonumber(ARGV[8])
-local MAX_OVERSIZED = 8 -- oversized items copied into Lua per step
+local MAX_OVERSIZED = 1 -- oversized items copied into Lua per step (they are read only to be measured)
 
 -- A failed call aborts a script without undoing what it did: check the keys
 -- before popping anything, so a wrong-typed key cannot swallow items.
@@ -62,11 +62,11 @@ for _ = 1, n + MAX_OVERSIZED do
     if not at then break end
     if ARGV[at + 4] ~= "" then reason = ARGV[at + 4] end
   end
-  redis.call("RPOP", KEYS[1])
   if reason then
-    redis.call("LPUSH", KEYS[3], item)
+    redis.call("LMOVE", KEYS[1], KEYS[3], "RIGHT", "LEFT") -- moved as it is, not copied again
     table.insert(dead, reason)
   else
+    redis.call("RPOP", KEYS[1])
     seq = seq + 1
     local entry = {"XADD", KEYS[2], "*", "s", seq, "c", ARGV[at + 1]}
     if ARGV[at + 2] ~= "" then table.insert(entry, "ch"); table.insert(entry, ARGV[at + 2]) end
@@ -93,22 +93,17 @@ if moved > 0 then
   redis.call("XTRIM", KEYS[2], "MAXLEN", "~", math.min(keep, tonumber(ARGV[5])))
 end
 
-local peeked, bytes, from = {}, 0, -1
+local peeked, bytes = {}, 0
 oversized = 0
 while #peeked < peek_count and bytes < peek_budget and oversized < MAX_OVERSIZED do
-  local chunk = redis.call("LRANGE", KEYS[1], from - 31, from)
-  if #chunk == 0 then break end
-  for i = #chunk, 1, -1 do
-    local item = chunk[i]
-    if #item > max_item then
-      oversized = oversized + 1
-      table.insert(peeked, false)
-    else
-      bytes = bytes + #item
-      table.insert(peeked, item)
-    end
-    if #peeked >= peek_count or bytes >= peek_budget or oversized >= MAX_OVERSIZED then break end
+  local item = redis.call("LINDEX", KEYS[1], -1 - #peeked) -- one element at a time: nothing big copied for nothing
+  if not item then break end
+  if #item > max_item then
+    oversized = oversized + 1
+    table.insert(peeked, false)
+  else
+    bytes = bytes + #item
+    table.insert(peeked, item)
   end
-  from = from - 32
 end
 return {moved, dead, peeked, seq}

@@ -27,9 +27,9 @@ from .hub import Hub
 from .ingest import IngestRules
 from .logentry import BadEntry, Message, decode_entry, gap_message
 from .metrics import Stats
-from .mover import BLOCK_SECONDS, RETRY_SECONDS
-from .progress import Progress
-from .redislink import RedisLink, is_connection_error
+from .mover import BLOCK_SECONDS
+from .progress import Progress, Retries
+from .redislink import RedisLink
 from .wire import parse_offset
 
 __all__ = ["Tailer"]
@@ -78,6 +78,7 @@ class Tailer:
         self._refresh.clock = clock
         self.last_id = b"0-0"
         self.progress = Progress(clock, "fan-out")
+        self._retries = Retries(clock, self.progress)
 
     def stop(self) -> defer.Deferred[Any]:
         """Finish after the current step and give up this node's place (XREAD takes nothing)."""
@@ -90,19 +91,20 @@ class Tailer:
 
     async def run(self, loaded: Callable[[], None]) -> None:
         """Load the history, call C{loaded}, then read and deliver until stopped."""
-        if not await self._retrying(self._load_history, "history load"):
+        if not await self._retrying(self._load_history):
             return
         self._hub.set_ready()
         self._refresh.start(min(10.0, self._config.node_ttl / 3), now=True)
         loaded()
         while not self._stopping:
-            await self._retrying(self._step, "fan-out")
+            await self._retrying(self._step)
 
-    async def _retrying(self, step: Callable[[], Any], name: str) -> bool:
+    async def _retrying(self, step: Callable[[], Any]) -> bool:
         """Run C{step} until it succeeds (True) or the node stops (False)."""
         while not self._stopping:
             try:
                 await step()
+                self._retries.succeeded()
                 return True
             except Exception:
                 from twisted.python.failure import Failure
@@ -110,9 +112,7 @@ class Tailer:
                 failure = Failure()
                 if self._stopping:
                     break
-                if not is_connection_error(failure):
-                    self._log.failure("{name} failed; retrying", failure, name=name)
-                await deferLater(self._clock, RETRY_SECONDS, lambda: None)
+                await self._retries.after(failure)
         return False
 
     # -- this node's place ------------------------------------------------------
@@ -222,29 +222,37 @@ class Tailer:
         """A marker if entry number C{seq} does not follow the last one read (before C{message}, if any)."""
         last, self._seq = self._seq, seq
         reset, self._reset_seen = self._reset_seen, False
-        if last is None or (seq == last + 1 and not reset):
-            if self._untold is not None and message is not None:
-                (reason, missed), self._untold = self._untold, None
-                return gap_message(message.offset, reason, missed, self._framer)
+        gap = self._untold
+        self._untold = None
+        if last is not None and (seq != last + 1 or reset):
+            found: tuple[str, int | None] = (
+                ("trimmed", seq - last - 1) if seq > last + 1 and not reset else ("reset", None)
+            )
+            if not quiet:
+                self._tell_log(*found)
+            # one gap not told yet and another: one marker says both
+            if gap is not None and (gap[0], found[0]) == ("trimmed", "trimmed"):
+                found = ("trimmed", (gap[1] or 0) + (found[1] or 0))
+            elif gap is not None:
+                found = ("reset", None)
+            gap = found
+        if gap is None:
             return None
-        if seq > last + 1 and not reset:
-            reason, missed = "trimmed", seq - last - 1
-            if not quiet:
-                self._log.warn(
-                    "{n} log entries were trimmed before this node read them (it was paused or cut off longer "
-                    "than --node-ttl, or the log reached --log-hard-maxlen); telling every connection",
-                    n=missed,
-                )
-        else:
-            reason, missed = "reset", None
-            if not quiet:
-                self._log.warn("the log went back in time (Redis lost data); telling every connection")
-        if not quiet:
-            self._stats.gaps[reason] += 1
         if message is None:
-            self._untold = (reason, missed)  # the entry after the gap cannot be delivered: tell before the next
+            self._untold = gap  # the entry after the gap cannot be delivered: tell before the next
             return None
-        return gap_message(message.offset, reason, missed, self._framer)
+        return gap_message(message.offset, gap[0], gap[1], self._framer)
+
+    def _tell_log(self, reason: str, missed: int | None) -> None:
+        self._stats.gaps[reason] += 1
+        if reason == "trimmed":
+            self._log.warn(
+                "{n} log entries were trimmed before this node read them (it was paused or cut off longer "
+                "than --node-ttl, or the log reached --log-hard-maxlen); telling every connection",
+                n=missed,
+            )
+        else:
+            self._log.warn("the log went back in time (Redis lost data); telling every connection")
 
     async def _check_for_reset(self) -> None:
         """Idle: if the log now ends before this node's place, Redis lost data; read on from its end."""

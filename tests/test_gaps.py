@@ -26,7 +26,9 @@ from twisted.internet.task import deferLater
 # -- helpers ------------------------------------------------------------------------------
 
 
-async def read_messages(client: Any, n: int, timeout: float = 30.0) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+async def read_messages(
+    client: Any, n: int, timeout: float = 30.0
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """The next C{n} message frames, and the other frames seen meanwhile (gap, resumed...)."""
     messages: list[dict[str, Any]] = []
     others: list[dict[str, Any]] = []

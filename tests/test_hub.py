@@ -77,7 +77,9 @@ class SimulatedConnection:
         self.room -= taken
 
     def frames(self) -> list[bytes]:
-        return [f"<{part}>".encode() for part in self.received.decode().strip("<>").split("><")] if self.received else []
+        return (
+            [f"<{part}>".encode() for part in self.received.decode().strip("<>").split("><")] if self.received else []
+        )
 
 
 def msg(n: int, channel: str | None = None, user: str | None = None, size: int = 0) -> Message:

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from twisted.python import usage
 
-from pushservice.config import Config, RedisAddress, parse_redis_url
-from pushservice.config import FLAGS, OPTIONS
+from pushservice.config import FLAGS, OPTIONS, Config, RedisAddress, parse_redis_url
 from pushservice.tap import Options
 
 TWISTD = Path(sys.executable).with_name("twistd")
