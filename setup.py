@@ -1,10 +1,16 @@
 """Packaging for pushservice: the package plus its twistd plugin dropin."""
 
+import re
+
 from setuptools import setup
+
+# the version is written once, in the package
+with open("pushservice/__init__.py", encoding="utf-8") as f:
+    VERSION = re.search(r'__version__ = "([^"]+)"', f.read()).group(1)  # type: ignore[union-attr]
 
 setup(
     name="pushservice",
-    version="0.1.0",
+    version=VERSION,
     description="Real-time push over WebSocket, fed by a Redis list (a twistd plugin)",
     long_description=open("README.rst", encoding="utf-8").read(),
     long_description_content_type="text/x-rst",

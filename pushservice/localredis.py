@@ -23,6 +23,8 @@ HOST, PORT = "127.0.0.1", 6379
 
 
 class _Ping(protocol.Protocol):
+    """Asks whatever listens whether it is a Redis."""
+
     transport: Any
 
     def __init__(self) -> None:
@@ -55,6 +57,8 @@ async def redis_answers(reactor: Any, host: str = HOST, port: int = PORT, timeou
 
 
 class _RedisProcess(protocol.ProcessProtocol):
+    """The private redis-server's process: fires C{ended} when it exits."""
+
     def __init__(self) -> None:
         self.ended: defer.Deferred[None] = defer.Deferred()
 

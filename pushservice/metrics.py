@@ -47,6 +47,8 @@ class Stats:
 
 
 class _StatsCollector(Collector):
+    """Reads the plain counters of a L{Stats} at scrape time."""
+
     def __init__(self, stats: Stats, clock: Callable[[], float]) -> None:
         self._stats = stats
         self._clock = clock

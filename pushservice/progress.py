@@ -16,7 +16,7 @@ from .redislink import is_connection_error
 __all__ = ["Progress", "Retries"]
 
 #: Retry delays after a failed step: the first, doubled each time, at most.
-FIRST_RETRY, MAX_RETRY = 0.5, 5.0
+STEP_RETRY_FIRST, STEP_RETRY_MAX = 0.5, 5.0
 #: The same failure is logged again (with how often it happened) at most this often.
 REPEAT_LOG_SECONDS = 60.0
 
@@ -77,20 +77,20 @@ class Retries:
     def __init__(self, clock: IReactorTime, progress: Progress) -> None:
         self._clock = clock
         self._progress = progress
-        self._delay = FIRST_RETRY
+        self._delay = STEP_RETRY_FIRST
         self._last: tuple[Any, str] | None = None
         self._logged_at = 0.0
         self._repeats = 0
 
     def succeeded(self) -> None:
-        self._delay = FIRST_RETRY
+        self._delay = STEP_RETRY_FIRST
         self._last = None
 
     async def after(self, failure: Any) -> None:
         self._progress.failed()
         if not is_connection_error(failure):
             self._report(failure)
-        delay, self._delay = self._delay, min(MAX_RETRY, self._delay * 2)
+        delay, self._delay = self._delay, min(STEP_RETRY_MAX, self._delay * 2)
         await deferLater(self._clock, delay, lambda: None)
 
     def _report(self, failure: Any) -> None:

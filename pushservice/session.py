@@ -52,6 +52,8 @@ CLOSE_TOKEN_EXPIRED = 4003
 
 
 class State(enum.Enum):
+    """Where a session is in its life (see the module docstring)."""
+
     AUTHENTICATING = "authenticating"
     JOINING = "joining"
     JOINED = "joined"
@@ -97,9 +99,6 @@ class Session:
         if self.state is State.JOINED:
             self._node.hub.remove(self)
         self.outbox.close()
-        self.state = State.CLOSED
-
-    def close_for_shutdown(self) -> None:
         self.state = State.CLOSED
 
     def _later(self, seconds: float, call: Any) -> None:
@@ -209,26 +208,31 @@ class Session:
             return
         if self.state is not State.JOINED:
             raise WireError("unavailable", "this node is still starting: subscribe again in a moment", request.id)
-        hub = node.hub
-        if request.since > hub.history.last_offset:
-            defer.ensureDeferred(self._subscribe_ahead(request))
-            return
-        hub.subscribe(self, channel)
-        recovered, start = hub.history.recovery(request.since)
-        self._reply("subscribed", request.id, channel=channel, recovered=recovered)  # before the replay
-        if start is not None:
-            hub.replay_channel(self, channel, start)
+        if request.since > node.hub.history.last_offset:
+            defer.ensureDeferred(self._subscribe_ahead(request, request.since))
+        else:
+            self._subscribe_since(request, request.since)
 
-    async def _subscribe_ahead(self, request: Subscribe) -> None:
+    def _subscribe_since(self, request: Subscribe, since: Offset) -> None:
+        hub = self._node.hub
+        hub.subscribe(self, request.channel)
+        recovered, start = hub.history.recovery(since)
+        self._reply("subscribed", request.id, channel=request.channel, recovered=recovered)  # before the replay
+        if start is not None:
+            hub.replay_channel(self, request.channel, start)
+
+    async def _subscribe_ahead(self, request: Subscribe, since: Offset) -> None:
         """Subscribe with a C{since} newer than this node has read: issued by a node ahead, or never."""
-        assert request.since is not None
-        issued = await self._issued(request.since)
+        issued = await self._issued(since)
         if self.state is not State.JOINED:
             return
         hub = self._node.hub
-        self._listen(request.channel)
-        if issued and request.since > hub.history.last_offset:
-            hub.skip_until(self, request.since, request.channel)
+        if since <= hub.history.last_offset:  # caught up meanwhile
+            self._subscribe_since(request, since)
+            return
+        hub.subscribe(self, request.channel)
+        if issued:
+            hub.skip_until(self, since, request.channel)
         self._reply("subscribed", request.id, channel=request.channel, recovered=issued)
 
     def _listen(self, channel: str) -> None:

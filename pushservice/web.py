@@ -122,6 +122,8 @@ class _Request(server.Request):
 
 
 class _Site(server.Site):
+    """twisted.web's Site without an access log line per request."""
+
     noisy = False
     requestFactory = _Request
 

@@ -192,8 +192,6 @@ class PushProtocol(WebSocketServerProtocol):
 
     def close_for_shutdown(self) -> None:
         if self.state == _OPEN:
-            if self.session is not None:
-                self.session.close_for_shutdown()
             self.sendCloseFrame(code=CLOSE_GOING_AWAY, reasonUtf8=b"server shutting down", isReply=False)
 
 

@@ -75,6 +75,8 @@ class WireError(Exception):
 
 @dataclass(frozen=True)
 class Publish:
+    """A client's message to LPUSH (a broadcast when C{channel} is None)."""
+
     id: RequestId
     content: Any
     channel: str | None
@@ -82,6 +84,8 @@ class Publish:
 
 @dataclass(frozen=True)
 class Subscribe:
+    """A subscription, with the offset to replay after, if any."""
+
     id: RequestId
     channel: str
     since: Offset | None
@@ -89,12 +93,16 @@ class Subscribe:
 
 @dataclass(frozen=True)
 class Unsubscribe:
+    """An end to a subscription."""
+
     id: RequestId
     channel: str
 
 
 @dataclass(frozen=True)
 class Auth:
+    """A token, sent in a frame."""
+
     id: RequestId
     token: str
 
