@@ -31,11 +31,9 @@ import unicodedata
 from dataclasses import dataclass
 
 from .strictjson import JSONRules, StrictJSONError, dumps
-from .wire import check_channel
+from .wire import check_channel, check_name
 
 __all__ = ["Entry", "IngestRules", "Undeliverable", "check_user", "looks_like_an_object"]
-
-MAX_USER = 255
 
 # characters skipped before deciding whether an item "looks like" an object: whitespace,
 # controls, format characters, combining marks, private use, unassigned, and the letters
@@ -62,15 +60,7 @@ class Undeliverable:
 
 def check_user(user: object) -> str:
     """Return the user if it is one: a non-empty string of at most 255 bytes."""
-    if not isinstance(user, str) or not user:
-        raise ValueError("user must be a non-empty string")
-    try:
-        size = len(user.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError("user must be valid Unicode (no lone surrogates)") from None
-    if size > MAX_USER:
-        raise ValueError(f"user is at most {MAX_USER} bytes")
-    return user
+    return check_name(user, "user")
 
 
 def looks_like_an_object(text: str) -> bool:

@@ -42,6 +42,7 @@ __all__ = [
     "Unsubscribe",
     "WireError",
     "check_channel",
+    "check_name",
     "encode",
     "envelope",
     "error_frame",
@@ -130,19 +131,25 @@ def format_offset(offset: Offset) -> str:
 _GLOB = re.compile(r"[*?\[\]]")
 
 
+def check_name(value: object, what: str) -> str:
+    """C{value} if it is a non-empty string of valid Unicode, at most 255 UTF-8 bytes; else ValueError naming C{what}."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{what} must be a non-empty string")
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"{what} must be valid Unicode (no lone surrogates)") from None
+    if size > MAX_CHANNEL:
+        raise ValueError(f"{what} is at most {MAX_CHANNEL} bytes")
+    return value
+
+
 def check_channel(channel: object) -> str:
     """
     Return the channel name if it is one: a non-empty string of at most 255
     bytes without ``*?[]`` (those are for the grant patterns in tokens).
     """
-    if not isinstance(channel, str) or not channel:
-        raise ValueError("channel must be a non-empty string")
-    try:
-        size = len(channel.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError("channel must be valid Unicode (no lone surrogates)") from None
-    if size > MAX_CHANNEL:
-        raise ValueError(f"channel names are at most {MAX_CHANNEL} bytes")
+    channel = check_name(channel, "channel")
     if _GLOB.search(channel):
         raise ValueError("channel names may not contain * ? [ or ]")
     return channel
