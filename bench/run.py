@@ -6,6 +6,7 @@ rounds, and print medians and ratios.
     python bench/run.py --quick                      # smoke: fanout-1k, small
     python bench/run.py all --quick                  # every scenario, small
     python bench/run.py latency-1k --servers pushservice,picows
+    python bench/run.py all --servers pushservice,baseline --baseline-twistd ../old/.venv/bin/twistd
 
 It starts a private redis-server (free port, temp dir, no persistence) pinned
 to the load CPU, then for each round and each server (order reversed every
@@ -57,6 +58,8 @@ SCENARIOS = {
                          quick=dict(clients=300, concurrency=32)),
 }
 SERVERS = ("pushservice", "websockets", "picows")
+#: Another pushservice (--baseline-twistd), for before/after numbers in one run.
+BASELINE = "baseline"
 
 
 def log(*a):
@@ -112,8 +115,9 @@ def stop(proc, timeout=10):
 
 def server_cmd(name, port, rport, queue, a):
     py = sys.executable
-    if name == "pushservice":
-        cmd = [a.twistd, "-n", "--pidfile=", "pushservice",
+    if name in ("pushservice", BASELINE):
+        twistd = a.twistd if name == "pushservice" else a.baseline_twistd
+        cmd = [twistd, "-n", "--pidfile=", "pushservice",
                "--listen", "tcp:%d:interface=127.0.0.1%s" % (
                    port, "".join(":" + o for o in a.listen_opt)),
                "--redis", "redis://127.0.0.1:%d/0" % rport,
@@ -241,7 +245,10 @@ def report(scen, sc, results, servers):
             "%.0f" % statistics.median(sv) if sv else "-",
             "%.1f" % statistics.median(p99) if p99 else "-",
             "; ".join(verdict(r) for r in rs)))
-    peers = [s for s in servers if s != "pushservice" and med.get(s)]
+    if med.get(BASELINE) and med.get("pushservice") is not None:
+        print("ratio pushservice/baseline = %.2f  (%s)" % (
+            med["pushservice"] / med[BASELINE], ">1 is better" if sc["higher"] else "<1 is better"))
+    peers = [s for s in servers if s not in ("pushservice", BASELINE) and med.get(s)]
     if "pushservice" in servers and med.get("pushservice") is not None and peers:
         best = (max if sc["higher"] else min)(peers, key=lambda s: med[s])
         ratio = med["pushservice"] / med[best] if med[best] else float("nan")
@@ -267,6 +274,7 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="small smoke version of each scenario")
     p.add_argument("--twistd", default=os.path.join(os.path.dirname(sys.executable), "twistd"),
                    help="twistd that has the pushservice plugin (default: next to this python)")
+    p.add_argument("--baseline-twistd", help="twistd of another pushservice: the server 'baseline' in --servers")
     p.add_argument("--pushservice-arg", action="append", default=[],
                    help="extra option for pushservice (repeatable), e.g. --pushservice-arg=--history=0")
     p.add_argument("--listen-opt", action="append", default=[],
@@ -293,8 +301,10 @@ def main(argv=None):
             p.error("unknown scenario %r" % s)
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
     for s in servers:
-        if s not in SERVERS:
-            p.error("unknown server %r (known: %s)" % (s, ", ".join(SERVERS)))
+        if s not in SERVERS + (BASELINE,):
+            p.error("unknown server %r (known: %s)" % (s, ", ".join(SERVERS + (BASELINE,))))
+    if BASELINE in servers and not (a.baseline_twistd and os.access(a.baseline_twistd, os.X_OK)):
+        p.error("the server %r needs --baseline-twistd PATH" % BASELINE)
     if "pushservice" in servers and not os.access(a.twistd, os.X_OK):
         p.error("no twistd at %s (use --twistd, or --servers websockets,picows)" % a.twistd)
     rounds = a.rounds or (1 if a.quick else 3)
