@@ -157,6 +157,7 @@ class _Router(protocol.Protocol):
         if since is not None:  # counted, and on the HTTP deadline, until it is gone
             port.serving[self] = since
         head_only = head is not None and head.method == b"HEAD"
+        port.stats.http_refusals[str(status)] += 1
         self.transport.write(_response(status, why, head_only, extra))
         self.transport.loseConnection()
 
@@ -211,6 +212,7 @@ class PortFactory(protocol.ServerFactory):
         """
         self.reactor = reactor
         self.websocket = websocket
+        self.stats = websocket.node.stats
         # one request per connection, so that every request passes the router's checks
         site.protocol = _OneRequestChannel  # type: ignore[assignment]
         self.site = site
@@ -232,6 +234,7 @@ class PortFactory(protocol.ServerFactory):
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
         if len(self.waiting) + len(self.serving) < self._max_http:
             return _Router(self)
+        self.stats.http_refusals["closed"] += 1
         now = self.reactor.seconds()
         if now - self._full_logged >= _FULL_LOG_INTERVAL:
             self._full_logged = now

@@ -33,6 +33,8 @@ class Stats:
         self.dead_letters = 0
         self.slow_disconnects = 0
         self.errors: Counter[str] = Counter()
+        #: Requests the HTTP side refused, by status ("closed": over --max-http-connections, unread).
+        self.http_refusals: Counter[str] = Counter()
         self.redis_up = False
         #: Stream time (ms) of the newest message delivered, for lag.
         self.last_offset_ms = 0
@@ -81,6 +83,12 @@ class _StatsCollector(Collector):
         for code, n in sorted(s.errors.items()):
             errors.add_metric([code], n)
         yield errors
+        refusals = CounterMetricFamily(
+            "pushservice_http_refusals", "Requests refused before they were served, by status", labels=["status"]
+        )
+        for status, n in sorted(s.http_refusals.items()):
+            refusals.add_metric([status], n)
+        yield refusals
         yield GaugeMetricFamily("pushservice_redis_up", "1 while Redis answers", value=1 if s.redis_up else 0)
         if s.last_offset_ms:
             lag = max(0.0, self._clock() - s.last_offset_ms / 1000)
