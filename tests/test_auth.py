@@ -8,25 +8,10 @@ import time
 import jwt
 import pytest
 import pytest_twisted
-from helpers import Refused, connect
+from support.clients import SECRET, Refused, connect, token
+from support.waiting import timed
 
 from pushservice.auth import AuthError, Grant, Policy, TokenVerifier, normalize_origin
-
-SECRET = b"test-secret-please-change-0123456789"
-
-
-def token(secret: bytes = SECRET, **claims) -> str:
-    claims.setdefault("sub", "alice")
-    claims.setdefault("exp", int(time.time()) + 600)
-    return jwt.encode({k: v for k, v in claims.items() if v is not None}, secret, algorithm="HS256")
-
-
-@pytest.fixture
-def secret_file(tmp_path):
-    path = tmp_path / "secret"
-    path.write_bytes(SECRET + b"\n")
-    return str(path)
-
 
 # -- pure ---------------------------------------------------------------------
 
@@ -41,7 +26,7 @@ def test_verifier_accepts_a_good_token_and_reads_grants():
     "bad, why",
     [
         (token(exp=int(time.time()) - 10), "expired"),
-        (token(secret=b"another-secret-0123456789abcdef"), "Signature"),
+        (token(secret=b"another-secret-0123456789abcdefgh"), "Signature"),
         (jwt.encode({"sub": "a", "exp": int(time.time()) + 60}, None, algorithm="none"), "alg"),
         (token(sub=None), "sub"),
         (token(exp=None), "exp"),
@@ -149,7 +134,7 @@ async def test_required_token_via_auth_frame(make_node, queue, secret_file, redi
     redis_sync.lpush(queue, json.dumps({"content": "hi", "channel": "news"}))
     assert (await client.next_of("message"))["content"] == "hi"
     silent = await connect(node.port)
-    code, _ = await silent.closed
+    code, _ = await timed(silent.closed)
     assert code == 4001
     await client.close()
     await watcher.close()
@@ -180,8 +165,8 @@ async def test_publish_permissions(make_node, queue, secret_file):
 async def test_token_expiry_closes_the_connection(make_node, queue, secret_file):
     """A connection is closed with 4003 when its token expires."""
     node = await make_node(queue, token_secret_file=secret_file)
-    client = await connect(node.port, f"token={token(exp=int(time.time()) + 2)}")
-    code, _ = await client.closed
+    client = await connect(node.port, f"token={token(ttl=2)}")
+    code, _ = await timed(client.closed)
     assert code == 4003
 
 

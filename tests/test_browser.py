@@ -1,182 +1,43 @@
 """The demo page and pushservice.js, driven in a real headless Chromium.
 
-Uses Debian's /usr/bin/chromium and /usr/bin/chromedriver through Selenium;
-nothing here ever downloads a browser or a driver (skips when they are
-missing). Needs the conftest fixtures `redis_server`, `redis_sync` and
-`twistd_service`. The fixtures and helpers here are shared with
-test_browser_client.py.
+Uses Debian's /usr/bin/chromium and /usr/bin/chromedriver through Selenium
+(the `browser` fixture, tests/support/browser.py); nothing here ever
+downloads a browser or a driver (skips when they are missing). "Nothing
+more arrived" is a marker pushed last and shown on the page, never a sleep.
 """
 
+import functools
 import json
-import os
-import re
 import time
-import urllib.request
 import uuid
 
-import jwt
 import pytest
+from support.browser import (
+    by_id,
+    messages_in,
+    offset_key,
+    open_demo,
+    opens,
+    page_messages,
+    page_notices,
+    page_state,
+    sockets,
+    wait_for,
+)
+from support.clients import token
+from support.waiting import new_marker, until_sync
 
-webdriver = pytest.importorskip("selenium.webdriver", reason="selenium (a test dependency) is not installed")
-from selenium.common.exceptions import TimeoutException  # noqa: E402
-from selenium.webdriver.chrome.service import Service  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
-from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
-
-CHROMIUM = "/usr/bin/chromium"
-CHROMEDRIVER = "/usr/bin/chromedriver"
-TIMEOUT = 20  # seconds: the bound of every wait below
-SECRET = b"browser-test-secret-0123456789abcdef"
-
-# Installed before any page script runs: records every WebSocket URL the page
-# opens and every frame it sends or receives, whoever built them.
-RECORDER = """
-(() => {
-  const Native = window.WebSocket;
-  const seen = window.__ws = {urls: [], sent: [], received: []};
-  class Recording extends Native {
-    constructor(url, protocols) {
-      super(url, protocols);
-      seen.urls.push(String(url));
-      this.addEventListener("message", (ev) => seen.received.push(String(ev.data)));
-    }
-    send(data) { seen.sent.push(String(data)); return super.send(data); }
-  }
-  window.WebSocket = Recording;
-})();
-"""
-
-pytestmark = [
-    pytest.mark.slow,  # real Chromium and twistd: the quick loop skips them
-    pytest.mark.skipif(
-        not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)),
-        reason="headless browser tests need Debian's chromium and chromium-driver "
-        "(%s, %s): apt-get install chromium chromium-driver" % (CHROMIUM, CHROMEDRIVER),
-    ),
-]
+pytestmark = pytest.mark.slow  # real Chromium and twistd: the quick loop skips them
 
 
-@pytest.fixture
-def browser(tmp_path, monkeypatch):
-    # Both paths given explicitly, and Selenium Manager told to stay offline,
-    # so nothing tries to fetch a browser or a driver.
-    monkeypatch.setenv("SE_OFFLINE", "true")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for arg in (
-        "--headless=new",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--disable-dev-shm-usage",
-        "--window-size=1200,900",
-        "--user-data-dir=%s" % (tmp_path / "chromium-profile"),
-    ):
-        options.add_argument(arg)
-    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
-    driver.set_page_load_timeout(TIMEOUT)
-    driver.set_script_timeout(TIMEOUT)
-    driver.execute_cdp_cmd("Page.addScriptToEvaluateOnNewDocument", {"source": RECORDER})
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def page_messages(driver):
-    """The shown messages, oldest first, as dicts (offset, channel, content)."""
-    return driver.execute_script("""
-        return Array.from(document.querySelectorAll('#messages .message')).reverse().map(
-            (el) => ({offset: el.dataset.offset, channel: el.dataset.channel,
-                      content: el.querySelector('.content').textContent}));""")
-
-
-def page_notices(driver):
-    """The demo's notice lines (gaps, errors), oldest first, as dicts (kind, reason, channel, code, text)."""
-    return driver.execute_script("""
-        return Array.from(document.querySelectorAll('#messages .notice')).reverse().map(
-            (el) => ({kind: el.classList.contains('gap') ? 'gap' : 'error', reason: el.dataset.reason || '',
-                      channel: el.dataset.channel || '', code: el.dataset.code || '', text: el.textContent}));""")
-
-
-def page_state(driver):
-    return driver.find_element(By.ID, "state").text
-
-
-def sockets(driver):
-    """What the recorder saw: {urls, sent, received} (frames as raw strings)."""
-    return driver.execute_script("return window.__ws;")
-
-
-def secret_file(tmp_path):
-    path = tmp_path / "token-secret"
-    path.write_bytes(SECRET + b"\n")
-    return str(path)
-
-
-def mint(sub="alice", ttl=600, secret=SECRET, **claims):
-    return jwt.encode({"sub": sub, "exp": int(time.time()) + ttl, **claims}, secret, algorithm="HS256")
-
-
-def wait_for(driver, condition, what):
-    """Wait (bounded) for condition(driver); on timeout say what the page showed."""
-    try:
-        return WebDriverWait(driver, TIMEOUT, poll_frequency=0.1).until(condition)
-    except TimeoutException:
-        try:
-            logs = [entry["message"] for entry in driver.get_log("browser")]
-        except Exception:  # the log is only a diagnostic
-            logs = []
-        try:
-            shown = "state=%r messages=%r notices=%r" % (
-                page_state(driver),
-                page_messages(driver),
-                page_notices(driver),
-            )
-        except Exception:  # not the demo page
-            shown = ""
-        raise AssertionError(
-            "timed out after %ss waiting for %s; %s sockets=%r console=%r"
-            % (TIMEOUT, what, shown, sockets(driver), logs)
-        ) from None
-
-
-def open_demo(driver, proc, fragment=""):
-    driver.get(proc.url + "/" + fragment)
-    wait_for(driver, lambda d: page_state(d) == "open", "the demo page to connect")
-
-
-def wait_until(predicate, what):
-    """Poll predicate() (bounded by TIMEOUT) until it returns something true; return that."""
-    deadline = time.monotonic() + TIMEOUT
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out after %ss waiting for %s" % (TIMEOUT, what))
-
-
-def messages_in(proc):
-    """The node's pushservice_messages_in_total (messages it read from the log), from /metrics."""
-    with urllib.request.urlopen(proc.url + "/metrics", timeout=5) as r:
-        text = r.read().decode()
-    match = re.search(r"^pushservice_messages_in_total (\S+)$", text, re.M)
-    return float(match.group(1)) if match else 0
-
-
-def opens(driver):
-    return int(driver.find_element(By.ID, "state").get_attribute("data-opens"))
-
-
-def offset_key(offset):
-    ms, _, seq = offset.partition("-")
-    return int(ms), int(seq or 0)
+def shown_until_marker(driver, push):
+    """Push a marker broadcast last (with push); once the page shows it, every message shown before it."""
+    marker = new_marker()
+    push(marker)
+    wait_for(driver, lambda d: marker in [m["content"] for m in page_messages(d)], "the marker to show")
+    shown = page_messages(driver)
+    assert shown[-1]["content"] == marker, shown
+    return shown[:-1]
 
 
 def test_redis_push_shows_on_page(browser, twistd_service, redis_sync):
@@ -199,14 +60,14 @@ def test_publish_from_form_is_acked_and_broadcast_back(browser, twistd_service):
     proc = twistd_service()
     open_demo(browser, proc)
     text = "from the form " + uuid.uuid4().hex[:8]
-    browser.find_element(By.ID, "content").send_keys(text)
-    browser.find_element(By.ID, "send").click()
+    by_id(browser, "content").send_keys(text)
+    by_id(browser, "send").click()
     result = wait_for(
         browser,
-        lambda d: d.find_element(By.ID, "publish-result").text.startswith(("ack", "error")),
+        lambda d: by_id(d, "publish-result").text.startswith(("ack", "error")),
         "the publish result",
     )
-    assert result and browser.find_element(By.ID, "publish-result").text.startswith("ack")
+    assert result and by_id(browser, "publish-result").text.startswith("ack")
     wait_for(
         browser, lambda d: any(m["content"] == text for m in page_messages(d)), "the published message to come back"
     )
@@ -231,9 +92,8 @@ def test_reconnect_across_restart_misses_nothing(browser, twistd_service, redis_
         redis_sync.lpush(proc.queue, t)
     wait_for(browser, lambda d: opens(d) >= 2 and page_state(d) == "open", "the page to reconnect")
     wait_for(browser, lambda d: len(page_messages(d)) >= 6, "all 6 messages")
-    time.sleep(1.0)  # let any late duplicate (a replay overlapping live traffic) arrive
-
-    shown = page_messages(browser)
+    # a late duplicate (a replay overlapping live traffic) would show before a marker pushed now
+    shown = shown_until_marker(browser, functools.partial(redis_sync.lpush, proc.queue))
     assert [m["content"] for m in shown] == texts, shown
     offsets = [offset_key(m["offset"]) for m in shown]
     assert offsets == sorted(offsets) and len(set(offsets)) == 6, shown
@@ -242,36 +102,36 @@ def test_reconnect_across_restart_misses_nothing(browser, twistd_service, redis_
     assert page_notices(browser) == [], "a complete replay is no gap"
 
 
-def test_token_goes_in_first_frame_never_in_url(browser, twistd_service, redis_sync, tmp_path):
+def test_token_goes_in_first_frame_never_in_url(browser, twistd_service, redis_sync, secret_file):
     """With a token the page connects with auth=1, sends the token in a first auth frame, and gets its user's messages."""
-    proc = twistd_service("--token-secret-file", secret_file(tmp_path), "--require-token")
-    token = mint(sub="alice")
-    open_demo(browser, proc, "#token=" + token)
+    proc = twistd_service("--token-secret-file", secret_file, "--require-token")
+    alice = token("alice")
+    open_demo(browser, proc, "#token=" + alice)
     redis_sync.lpush(proc.queue, json.dumps({"content": "for bob", "user": "bob"}))
     redis_sync.lpush(proc.queue, json.dumps({"content": "for alice", "user": "alice"}))
     wait_for(browser, lambda d: any(m["content"] == "for alice" for m in page_messages(d)), "alice's message")
 
     seen = sockets(browser)
     assert len(seen["urls"]) == 1 and "auth=1" in seen["urls"][0], seen["urls"]
-    assert not any(token in url or "token=" in url for url in seen["urls"]), seen["urls"]
-    assert json.loads(seen["sent"][0]) == {"id": 1, "type": "auth", "token": token}
+    assert not any(alice in url or "token=" in url for url in seen["urls"]), seen["urls"]
+    assert json.loads(seen["sent"][0]) == {"id": 1, "type": "auth", "token": alice}
     assert json.loads(seen["received"][0]) == {"type": "ack", "id": 1}
     assert [m["content"] for m in page_messages(browser)] == ["for alice"], "bob's message is not alice's"
-    assert token not in proc.log()
+    assert alice not in proc.log()
 
 
 def test_frames_are_sent_id_first(browser, twistd_service):
     """Every frame the client sends has "id" as its first member, so the server can echo it unparsed."""
     proc = twistd_service()
     open_demo(browser, proc)
-    browser.find_element(By.ID, "sub-channel").send_keys("news")
-    browser.find_element(By.ID, "subscribe").click()
-    wait_for(browser, lambda d: d.find_element(By.ID, "subscribe-result").text.startswith("subscribed"), "subscribed")
-    browser.find_element(By.ID, "content").send_keys("id first")
-    browser.find_element(By.ID, "send").click()
-    wait_for(browser, lambda d: d.find_element(By.ID, "publish-result").text.startswith("ack"), "the ack")
-    browser.find_element(By.ID, "unsubscribe").click()
-    wait_for(browser, lambda d: d.find_element(By.ID, "subscribe-result").text.startswith("unsub"), "unsubscribed")
+    by_id(browser, "sub-channel").send_keys("news")
+    by_id(browser, "subscribe").click()
+    wait_for(browser, lambda d: by_id(d, "subscribe-result").text.startswith("subscribed"), "subscribed")
+    by_id(browser, "content").send_keys("id first")
+    by_id(browser, "send").click()
+    wait_for(browser, lambda d: by_id(d, "publish-result").text.startswith("ack"), "the ack")
+    by_id(browser, "unsubscribe").click()
+    wait_for(browser, lambda d: by_id(d, "subscribe-result").text.startswith("unsub"), "unsubscribed")
 
     sent = sockets(browser)["sent"]
     assert [json.loads(f)["type"] for f in sent] == ["subscribe", "message", "unsubscribe"], sent
@@ -296,7 +156,7 @@ def test_restart_beyond_short_history_shows_one_gap_then_goes_on(browser, twistd
     for t in during:
         redis_sync.lpush(proc.queue, t)
     proc.start()
-    wait_until(lambda: messages_in(proc) >= len(during), "the new node to read the 20 messages")
+    until_sync(lambda: messages_in(proc) >= len(during), 20, "the new node to read the 20 messages")
     assert opens(browser) == 1 and page_state(browser) != "open", "the page waited"
     browser.execute_script(
         "ps.options.minDelay = 250; ps.options.maxDelay = 10000; window.dispatchEvent(new Event('online'));"
@@ -307,16 +167,17 @@ def test_restart_beyond_short_history_shows_one_gap_then_goes_on(browser, twistd
     for t in after:
         redis_sync.lpush(proc.queue, t)
     wait_for(browser, lambda d: [m["content"] for m in page_messages(d)][-3:] == after, "the messages after the gap")
-    time.sleep(0.5)  # let any late duplicate or second gap arrive
+    # a late duplicate or a second gap would arrive before a marker pushed now
+    messages = shown_until_marker(browser, functools.partial(redis_sync.lpush, proc.queue))
 
     gaps = browser.execute_script("return window.gaps;")
     assert [(g["reason"], g["frame"]["type"], g["frame"]["recovered"]) for g in gaps] == [("resume", "resumed", False)]
     assert [(n["kind"], n["reason"]) for n in page_notices(browser)] == [("gap", "resume")]
-    shown = [m["content"] for m in page_messages(browser)]
+    shown = [m["content"] for m in messages]
     replayed = shown[3:-3]
     assert shown[:3] == before and shown[-3:] == after, shown
     assert replayed == during[len(during) - len(replayed) :], "whatever was replayed is the newest, in order"
-    offsets = [offset_key(m["offset"]) for m in page_messages(browser)]
+    offsets = [offset_key(m["offset"]) for m in messages]
     assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
 
 
@@ -329,12 +190,13 @@ def test_subscribe_beyond_short_history_shows_gap(browser, twistd_service, redis
     for i in range(10):
         redis_sync.lpush(proc.queue, json.dumps({"content": "news-%d" % i, "channel": "news"}))
     redis_sync.lpush(proc.queue, json.dumps({"content": "other", "channel": "other"}))
-    # lastOffset stays at "first": the page hears none of these, so its resume point is behind the history.
-    time.sleep(0.5)
-    browser.find_element(By.ID, "sub-channel").send_keys("news")
-    browser.find_element(By.ID, "subscribe").click()
-    wait_for(browser, lambda d: d.find_element(By.ID, "subscribe-result").text.startswith("subscribed"), "subscribed")
-    assert "did not reach back" in browser.find_element(By.ID, "subscribe-result").text
+    # lastOffset stays at "first": the page hears none of these, so once the node has read them
+    # its resume point is behind the history
+    until_sync(lambda: messages_in(proc) >= 12, 20, "the node to read the 12 messages")
+    by_id(browser, "sub-channel").send_keys("news")
+    by_id(browser, "subscribe").click()
+    wait_for(browser, lambda d: by_id(d, "subscribe-result").text.startswith("subscribed"), "subscribed")
+    assert "did not reach back" in by_id(browser, "subscribe-result").text
     wait_for(browser, lambda d: page_notices(d), "the gap notice")
     assert [(n["kind"], n["reason"], n["channel"]) for n in page_notices(browser)] == [("gap", "subscribe", "news")]
 
@@ -346,7 +208,7 @@ def test_log_reset_shows_gap(browser, twistd_service, redis_sync):
     redis_sync.lpush(proc.queue, "before the reset")
     wait_for(browser, lambda d: len(page_messages(d)) == 1, "the first message")
     redis_sync.delete(proc.queue + ":log", proc.queue + ":seq")
-    time.sleep(0.1)  # a new millisecond: the recreated log's first id must not be the old last one
+    time.sleep(0.1)  # time on purpose: a new millisecond, so the recreated log's first id is not the old last one
     redis_sync.lpush(proc.queue, "after the reset")
     wait_for(browser, lambda d: len(page_messages(d)) == 2, "the message after the reset")
     wait_for(browser, lambda d: page_notices(d), "the gap notice")

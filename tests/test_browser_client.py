@@ -1,15 +1,16 @@
 """pushservice.js's token handling, on a bare page against real twistd nodes in headless Chromium.
 
 The page is a node's /healthz (same origin, no demo script) with only
-/pushservice.js loaded; the test drives `PushService` itself. Fixtures and
-helpers come from test_browser.py.
+/pushservice.js loaded; the test drives `PushService` itself. "No retry
+happened" is a browser timer set past the client's longest backoff, never a
+sleep (support.browser.after_client_timers).
 """
 
 import json
-import time
 
 import pytest
-from test_browser import browser, mint, secret_file, sockets, wait_for  # noqa: F401 (browser is a fixture)
+from support.browser import after_client_timers, sockets, wait_for
+from support.clients import token
 
 pytestmark = pytest.mark.slow  # real Chromium and twistd: the quick loop skips them
 
@@ -44,19 +45,21 @@ def events(driver, kind=None):
     return [e for e in driver.execute_script("return window.events;") if kind is None or e[0] == kind]
 
 
-def test_refused_token_stops_until_set_token(browser, twistd_service, redis_sync, tmp_path):  # noqa: F811
+def test_refused_token_stops_until_set_token(browser, twistd_service, redis_sync, secret_file):
     """A token the server refuses is an error (forbidden, fatal) and no retry; setToken() connects again."""
-    proc = twistd_service("--token-secret-file", secret_file(tmp_path), "--require-token")
+    proc = twistd_service("--token-secret-file", secret_file, "--require-token")
     open_bare(browser, proc)
-    forged = mint(sub="alice", secret=b"not-the-servers-secret-0123456789")
-    browser.execute_script("window.ps = watch(new PushService({token: arguments[0], minDelay: 50}));", forged)
+    forged = token("alice", secret=b"not-the-servers-secret-0123456789")
+    browser.execute_script(
+        "window.ps = watch(new PushService({token: arguments[0], minDelay: 50, maxDelay: 200}));", forged
+    )
     wait_for(browser, lambda d: events(d, "error"), "the refusal")
-    time.sleep(1.5)  # several backoff rounds at minDelay 50 ms: none may happen
+    after_client_timers(browser)  # a retry would have been tried by now
     assert events(browser, "error") == [["error", {"code": "forbidden", "fatal": True, "closeCode": None}]]
     assert len(sockets(browser)["urls"]) == 1, "a refused token is not sent again"
     assert browser.execute_script("return ps.state;") == "closed"
 
-    good = mint(sub="alice")
+    good = token("alice")
     browser.execute_script("ps.setToken(arguments[0]);", good)
     wait_for(browser, lambda d: events(d, "open"), "the connection with the new token")
     redis_sync.lpush(proc.queue, json.dumps({"content": "hello alice", "user": "alice"}))
@@ -66,11 +69,11 @@ def test_refused_token_stops_until_set_token(browser, twistd_service, redis_sync
     assert not any("token" in url for url in seen["urls"]), seen["urls"]
 
 
-def test_token_function_refreshes_an_expired_token(browser, twistd_service, redis_sync, tmp_path):  # noqa: F811
+def test_token_function_refreshes_an_expired_token(browser, twistd_service, redis_sync, secret_file):
     """When the token expires (close 4003) a token function is asked for a new one and the page reconnects."""
-    proc = twistd_service("--token-secret-file", secret_file(tmp_path), "--require-token")
+    proc = twistd_service("--token-secret-file", secret_file, "--require-token")
     open_bare(browser, proc)
-    short, fresh = mint(sub="alice", ttl=2), mint(sub="alice")
+    short, fresh = token("alice", ttl=2), token("alice")
     browser.execute_script(
         "window.tokens = arguments[0];"
         "window.ps = watch(new PushService({token: () => Promise.resolve(tokens.shift()), minDelay: 50}));",
@@ -88,14 +91,16 @@ def test_token_function_refreshes_an_expired_token(browser, twistd_service, redi
     assert not any("token" in url for url in seen["urls"]), seen["urls"]
 
 
-def test_token_function_giving_the_refused_token_again_stops(browser, twistd_service, tmp_path):  # noqa: F811
+def test_token_function_giving_the_refused_token_again_stops(browser, twistd_service, secret_file):
     """A token function that returns the token just refused stops the client (token_refused) without a connect."""
-    proc = twistd_service("--token-secret-file", secret_file(tmp_path))
+    proc = twistd_service("--token-secret-file", secret_file)
     open_bare(browser, proc)
-    forged = mint(sub="alice", secret=b"not-the-servers-secret-0123456789")
-    browser.execute_script("window.ps = watch(new PushService({token: () => arguments[0], minDelay: 50}));", forged)
+    forged = token("alice", secret=b"not-the-servers-secret-0123456789")
+    browser.execute_script(
+        "window.ps = watch(new PushService({token: () => arguments[0], minDelay: 50, maxDelay: 200}));", forged
+    )
     wait_for(browser, lambda d: len(events(d, "error")) == 2, "the refusal, then the stop")
-    time.sleep(1.0)
+    after_client_timers(browser)  # a retry would have been tried by now
     assert events(browser, "error") == [
         ["error", {"code": "forbidden", "fatal": False, "closeCode": None}],
         ["error", {"code": "token_refused", "fatal": True, "closeCode": None}],
@@ -103,12 +108,12 @@ def test_token_function_giving_the_refused_token_again_stops(browser, twistd_ser
     assert len(sockets(browser)["urls"]) == 1
 
 
-def test_no_token_on_a_token_only_deployment_stops(browser, twistd_service, tmp_path):  # noqa: F811
+def test_no_token_on_a_token_only_deployment_stops(browser, twistd_service, secret_file):
     """Without a token where one is required, the close 4001 is an auth_required error and the client stops."""
-    proc = twistd_service("--token-secret-file", secret_file(tmp_path), "--require-token", "--auth-timeout", "1")
+    proc = twistd_service("--token-secret-file", secret_file, "--require-token", "--auth-timeout", "1")
     open_bare(browser, proc)
-    browser.execute_script("window.ps = watch(new PushService({minDelay: 50}));")
+    browser.execute_script("window.ps = watch(new PushService({minDelay: 50, maxDelay: 200}));")
     wait_for(browser, lambda d: events(d, "error"), "the 4001 close")
-    time.sleep(1.0)
+    after_client_timers(browser)  # a retry would have been tried by now
     assert events(browser, "error") == [["error", {"code": "auth_required", "fatal": True, "closeCode": 4001}]]
     assert len(sockets(browser)["urls"]) == 1

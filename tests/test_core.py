@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest_twisted
-from helpers import connect, until
-from twisted.internet import reactor
-from twisted.internet.task import deferLater
+from support.clients import connect
+from support.waiting import until
 
 
 @pytest_twisted.ensureDeferred
@@ -89,13 +88,15 @@ async def test_client_publish_is_queued_and_acked(node):
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_wrong_typed_log_key_loses_nothing(node, redis_sync):
+async def test_a_wrong_typed_log_key_loses_nothing(make_node, queue, redis_sync):
     """If <queue>:log is not a stream, items stay on the list (and flow once it is fixed)."""
+    node = await make_node(queue, stall_timeout=0.5)
     q = node.config.queue
     client = await connect(node.port)
     redis_sync.set(f"{q}:log", "oops")
     redis_sync.lpush(q, "kept")
-    await deferLater(reactor, 1.0, lambda: None)  # the mover tries at once and keeps retrying
+    # the mover tries at once and keeps failing: once it counts as stalled, it has tried for --stall-timeout
+    await until(lambda: "ingest" in (node.parts.bus.health() or ""), what="the ingest loop stalled")
     assert redis_sync.llen(q) == 1
     redis_sync.delete(f"{q}:log")
     assert (await client.next_of("message", timeout=15))["content"] == "kept"

@@ -12,6 +12,7 @@ run in threads (deferToThread) so the reactor keeps reading.
 
 from __future__ import annotations
 
+import functools
 import json
 import signal
 import threading
@@ -21,10 +22,12 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import RedisServer
-from helpers import Client, connect
-from twisted.internet import defer, reactor, threads
-from twisted.internet.task import deferLater
+from support.clients import Client, connect
+from support.processes import RedisServer
+from support.waiting import nothing_more, sleep, timed, until
+from twisted.internet import threads
+
+pytestmark = pytest.mark.slow  # real twistd processes
 
 DEADLINE = 60.0  # seconds for a whole stream of messages; every wait below is bounded
 
@@ -37,17 +40,6 @@ def offset(frame: dict[str, Any]) -> tuple[int, int]:
     return int(ms), int(seq)
 
 
-def sync_redis(server: Any) -> Any:
-    """A redis-py client that never retries by itself: a failed call was sent at most once."""
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    return redis.Redis(
-        host=server.host, port=server.port, socket_timeout=5, socket_connect_timeout=5, retry=Retry(NoBackoff(), 0)
-    )
-
-
 def start_nodes(twistd_service: Any, count: int, *args: str, queue: str, redis: Any = None) -> list[Any]:
     """Start C{count} nodes at once, then wait until each is healthy (blocks: call before clients exist)."""
     nodes = [twistd_service(*args, queue=queue, redis=redis, wait=False) for _ in range(count)]
@@ -56,48 +48,29 @@ def start_nodes(twistd_service: Any, count: int, *args: str, queue: str, redis: 
     return nodes
 
 
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
-
-
-async def read_until(
-    client: Client, done: Callable[[list[dict[str, Any]]], bool], timeout: float = DEADLINE
-) -> list[dict[str, Any]]:
-    """Message frames from C{client} until C{done(frames)}; fails on any other frame or after C{timeout}."""
-    deadline = time.monotonic() + timeout
-    frames: list[dict[str, Any]] = []
-    while not done(frames):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or client.closed.called:
-            raise AssertionError(
-                f"gave up after {len(frames)} messages (closed={client.closed.called}); last: {frames[-1:]}"
-            )
-        try:
-            frame = await client.next(min(remaining, 1.0))
-        except defer.TimeoutError:
-            continue
-        assert frame["type"] == "message", frame
-        frames.append(frame)
-    return frames
-
-
 async def read_n(client: Client, n: int, timeout: float = DEADLINE) -> list[dict[str, Any]]:
-    return await read_until(client, lambda frames: len(frames) >= n, timeout)
+    """The next C{n} frames, all messages, within C{timeout} seconds in all."""
+    return await client.messages(n, timeout)
 
 
-async def assert_quiet(clients: list[Client], seconds: float = 0.5) -> None:
-    """Nothing more arrives: every message was delivered once, not twice."""
-    await sleep(seconds)
-    for client in clients:
-        extra = list(client.frames.pending)
-        assert not extra, f"unexpected extra frames: {extra[:3]}"
+def pusher(server: RedisServer, queue: str) -> Callable[[str], None]:
+    """LPUSH one item on C{queue} (a marker, for L{nothing_more})."""
+
+    def push(item: str) -> None:
+        r = server.client()
+        try:
+            r.lpush(queue, item)
+        finally:
+            r.close()
+
+    return push
 
 
 def produce(
     server: Any, queue: str, items: list[str], pipeline: int, pause: float, each: Callable[[int], None] | None = None
 ) -> None:
     """LPUSH C{items} in order, C{pipeline} at a time, pausing between; C{each(n)} after every batch."""
-    r = sync_redis(server)
+    r = server.client(socket_timeout=5)
     try:
         for start in range(0, len(items), pipeline):
             r.lpush(queue, *items[start : start + pipeline])
@@ -117,7 +90,6 @@ def content_key(frame: dict[str, Any]) -> str:
 # -- 1. several nodes ---------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_three_nodes_every_client_every_message_once_in_order(twistd_service, redis_server, queue):
     """Three nodes on one queue: each of 9 clients gets all 1200 items once, in push order, same offsets everywhere."""
@@ -129,8 +101,11 @@ async def test_three_nodes_every_client_every_message_once_in_order(twistd_servi
 
     producing = threads.deferToThread(produce, redis_server, queue, items, 20, 0.005)
     received = [await read_n(client, len(items)) for client in clients]
-    await producing
-    await assert_quiet(clients)
+    await timed(producing, DEADLINE)
+    r = redis_server.client()
+    assert r.llen(queue) == 0 and r.xlen(f"{queue}:log") == len(items) and r.llen(f"{queue}:dead") == 0
+    r.close()
+    await nothing_more(clients, pusher(redis_server, queue))
 
     reference = [f["offset"] for f in received[0]]
     for frames in received:
@@ -138,9 +113,6 @@ async def test_three_nodes_every_client_every_message_once_in_order(twistd_servi
         offsets = [offset(f) for f in frames]
         assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets), "offsets must increase"
         assert [f["offset"] for f in frames] == reference, "every node must give a message the same offset"
-    r = sync_redis(redis_server)
-    assert r.llen(queue) == 0 and r.xlen(f"{queue}:log") == len(items) and r.llen(f"{queue}:dead") == 0
-    r.close()
     for client in clients:
         await client.close()
 
@@ -148,7 +120,6 @@ async def test_three_nodes_every_client_every_message_once_in_order(twistd_servi
 # -- 2. a node dies ---------------------------------------------------------------
 
 
-@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_node_killed_mid_burst_loses_nothing(twistd_service, redis_server, queue):
     """SIGKILL of one of two nodes after 30% of a 2000-item burst: the other's clients still get all 2000 once, in order."""
@@ -169,16 +140,16 @@ async def test_node_killed_mid_burst_loses_nothing(twistd_service, redis_server,
     for client in on_b:
         frames = await read_n(client, len(items))
         assert [f["content"] for f in frames] == items
-    await assert_quiet(on_b)
-    # A's clients were cut off: what they got is an in-order prefix, nothing twice
-    for client in on_a:
-        await defer.maybeDeferred(lambda c=client: c.closed).addTimeout(10, reactor)
-        got = [f["content"] for f in client.frames.pending if f.get("type") == "message"]
-        assert got == items[: len(got)]
-    r = sync_redis(redis_server)
+    r = redis_server.client()
     assert r.llen(queue) == 0, "the list must be drained"
     assert r.xlen(f"{queue}:log") == len(items), "the log must hold every item exactly once"
     r.close()
+    await nothing_more(on_b, pusher(redis_server, queue))
+    # A's clients were cut off: what they got is an in-order prefix, nothing twice
+    for client in on_a:
+        await timed(client.closed)
+        got = [f["content"] for f in client.drain() if f["type"] == "message"]
+        assert got == items[: len(got)]
     for client in on_b:
         await client.close()
 
@@ -199,7 +170,7 @@ class RetryingProducer:
     def run(self, hard_deadline: float) -> None:
         import redis
 
-        r = sync_redis(self.server)
+        r = self.server.client(socket_timeout=5)
         n = 0
         try:
             while not self.stop.is_set() and time.monotonic() < hard_deadline:
@@ -227,7 +198,6 @@ def _parse(item: str) -> tuple[int, int]:
     return int(n), int(attempt)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 @pytest_twisted.ensureDeferred
 async def test_redis_restart_under_load_keeps_confirmed_items(twistd_service, queue, stop_signal):
@@ -241,25 +211,25 @@ async def test_redis_restart_under_load_keeps_confirmed_items(twistd_service, qu
         producing = threads.deferToThread(producer.run, time.monotonic() + 60)
 
         async def wait_confirmed(n: int) -> None:
-            deadline = time.monotonic() + 30
-            while len(producer.confirmed) < n:
-                assert time.monotonic() < deadline, f"producer stuck at {len(producer.confirmed)} confirmed"
+            def confirmed() -> bool:
                 assert not producing.called, "producer ended early"
-                await sleep(0.05)
+                return len(producer.confirmed) >= n
+
+            await until(confirmed, 30, f"{n} pushes confirmed")
 
         await wait_confirmed(300)
         await threads.deferToThread(server.stop, stop_signal)
-        await sleep(1.0)
+        await sleep(1.0)  # time on purpose: Redis stays down a while, and the producer's pushes fail
         await threads.deferToThread(server.start)
         before = len(producer.confirmed)
         await wait_confirmed(before + 300)
         producer.stop.set()
-        await producing.addTimeout(30, reactor)
+        await timed(producing, 30)
         assert producer.unconfirmed, "the outage must have hit the producer"
 
         last = producer.confirmed[-1]
         for client in clients:
-            frames = await read_until(client, lambda fs: bool(fs) and fs[-1]["content"] == last)
+            frames = await client.messages_until(lambda fs: bool(fs) and fs[-1]["content"] == last, DEADLINE)
             got = [f["content"] for f in frames]
             assert len(got) == len(set(got)), "no item twice"
             assert [_parse(i) for i in got] == sorted(_parse(i) for i in got), "push order kept"
@@ -269,7 +239,7 @@ async def test_redis_restart_under_load_keeps_confirmed_items(twistd_service, qu
             offsets = [offset(f) for f in frames]
             assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
             assert not client.closed.called, "clients stay connected through a Redis outage"
-        await assert_quiet(clients)
+        await nothing_more(clients, pusher(server, queue))
         for client in clients:
             await client.close()
     finally:
@@ -283,7 +253,7 @@ async def test_redis_restart_under_load_keeps_confirmed_items(twistd_service, qu
 async def test_reconnect_with_since_on_another_node(twistd_service, redis_server, queue):
     """Reconnecting to another node with ?since= (query channels, or subscribe since=) yields exactly the missed, then live."""
     a, b = start_nodes(twistd_service, 2, queue=queue)
-    r = sync_redis(redis_server)
+    r = redis_server.client()
 
     def push(items: list[Any]) -> None:
         r.lpush(queue, *[json.dumps({"content": c, "channel": ch}) if ch else c for c, ch in items])
@@ -299,7 +269,7 @@ async def test_reconnect_with_since_on_another_node(twistd_service, redis_server
     watcher = await connect(b.port, "channels=news,sport,other")
 
     async def b_has(items: list[tuple[str, str | None]]) -> None:
-        await read_until(watcher, lambda fs: bool(fs) and fs[-1]["content"] == items[-1][0])
+        await watcher.messages_until(lambda fs: bool(fs) and fs[-1]["content"] == items[-1][0], DEADLINE)
 
     # query variant: channels=news,sport&since=
     client = await connect(a.port, "channels=news,sport")
@@ -319,7 +289,7 @@ async def test_reconnect_with_since_on_another_node(twistd_service, redis_server
     frames = await read_n(client, len(expected))
     assert [f["content"] for f in frames] == expected
     assert offset(frames[0]) > offset(seen[-1])
-    await assert_quiet([client])
+    await nothing_more([client], functools.partial(r.lpush, queue))
     await client.close()
 
     # subscribe variant: {"type":"subscribe","channel":"news","since":...}
@@ -343,7 +313,7 @@ async def test_reconnect_with_since_on_another_node(twistd_service, redis_server
     push(live)
     frames = await read_n(client, len(wanted(live, {"news"})))
     assert [f["content"] for f in frames] == wanted(live, {"news"})
-    await assert_quiet([client])
+    await nothing_more([client], functools.partial(r.lpush, queue))
     await client.close()
     await watcher.close()
     r.close()
@@ -354,7 +324,7 @@ async def test_since_beyond_history_is_not_recovered(twistd_service, redis_serve
     """With --history 5, subscribe since= an offset older than the window replies recovered:false; inside it, true."""
     live_node = start_nodes(twistd_service, 1, "--history", "5", queue=queue)[0]
     watcher = await connect(live_node.port, "channels=news")
-    r = sync_redis(redis_server)
+    r = redis_server.client()
     r.lpush(queue, *[json.dumps({"content": f"n{i}", "channel": "news"}) for i in range(20)])
     offsets = [f["offset"] for f in await read_n(watcher, 20)]
     await watcher.close()
@@ -362,6 +332,7 @@ async def test_since_beyond_history_is_not_recovered(twistd_service, redis_serve
     # one node saw the messages arrive; one loads its history from the log at start
     loaded_node = (await threads.deferToThread(start_nodes, twistd_service, 1, "--history", "5", queue=queue))[0]
 
+    tails = []
     for node in (live_node, loaded_node):
         client = await connect(node.port)
         # the window holds n15..n19: from n14 on, nothing is missing
@@ -375,14 +346,16 @@ async def test_since_beyond_history_is_not_recovered(twistd_service, redis_serve
         assert reply == {"type": "subscribed", "channel": "news", "id": "out", "recovered": False}
         # what there is still comes, in order: the window's tail
         assert [f["content"] for f in await read_n(client, 5)] == [f"n{i}" for i in range(15, 20)]
-        await assert_quiet([client])
+        tails.append(client)
+    # after both nodes: a marker in the log would change what a 5-message window holds
+    await nothing_more(tails, pusher(redis_server, queue))
+    for client in tails:
         await client.close()
 
 
 # -- 5. replay while messages keep arriving ------------------------------------------
 
 
-@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_hopping_between_nodes_during_a_stream_is_contiguous(twistd_service, redis_server, queue):
     """A client hopping between nodes with channels=&since= while a producer pushes misses and repeats nothing."""
@@ -400,7 +373,7 @@ async def test_hopping_between_nodes_during_a_stream_is_contiguous(twistd_servic
         got += await read_n(client, min(len(expected) - len(got), 137))
         if len(got) == len(expected):
             break
-        await sleep(0.05)  # fall behind: what arrives meanwhile is dropped unread and must come back by since
+        await sleep(0.05)  # time on purpose: fall behind; what arrives meanwhile is dropped unread, for since
         discarded += client.pending()
         await client.close()
         hop += 1
@@ -408,8 +381,8 @@ async def test_hopping_between_nodes_during_a_stream_is_contiguous(twistd_servic
             hops_while_pushing += 1
         client = await connect(nodes[hop % 2].port, f"channels=c1&since={got[-1]['offset']}")
         assert (await client.next())["recovered"] is True
-    await producing
-    await assert_quiet([client])
+    await timed(producing, DEADLINE)
+    await nothing_more([client], pusher(redis_server, queue))
     await client.close()
 
     assert [f["content"] for f in got] == expected
@@ -419,42 +392,15 @@ async def test_hopping_between_nodes_during_a_stream_is_contiguous(twistd_servic
     assert discarded > 0, "some messages must have been left unread, for since to bring back"
 
 
-# -- 6. shutdown while Redis is down ----------------------------------------------------
+# -- 6. reconnecting to a node that lags behind -------------------------------------------
 
 
-@pytest_twisted.ensureDeferred
-async def test_sigterm_while_redis_is_down_exits_promptly(twistd_service, queue):
-    """SIGTERM with Redis gone for a while still closes clients with 1001 and exits within the shutdown timeout."""
-    server = RedisServer()
-    server.start()
-    try:
-        node = start_nodes(twistd_service, 1, "--shutdown-timeout", "5", queue=queue, redis=server)[0]
-        client = await connect(node.port)
-        await threads.deferToThread(server.stop)
-        await sleep(2.0)  # the node's Redis loops are now waiting for a reconnect
-        assert not client.closed.called, "clients stay connected while Redis is down"
-        started = time.monotonic()
-        stopping = threads.deferToThread(node.stop, 30)
-        code, _ = await defer.maybeDeferred(lambda: client.closed).addTimeout(15, reactor)
-        assert code == 1001
-        await stopping
-        took = time.monotonic() - started
-        assert took < 10, f"SIGTERM took {took:.1f}s with Redis down\n{node.log()[-2000:]}"
-        assert "Traceback" not in node.log()
-    finally:
-        await threads.deferToThread(server.close)
-
-
-# -- 7. reconnecting to a node that lags behind -------------------------------------------
-
-
-@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_since_on_a_node_that_lags_behind(twistd_service, redis_server, queue):
     """Resuming with since= on a node that has not yet read up to that offset repeats nothing and then goes live."""
     a, b = start_nodes(twistd_service, 2, queue=queue)
     client = await connect(a.port)
-    r = sync_redis(redis_server)
+    r = redis_server.client()
     first = [f"p{i}" for i in range(30)]
     r.lpush(queue, *first)
     assert [f["content"] for f in await read_n(client, 30)] == first
@@ -468,8 +414,8 @@ async def test_since_on_a_node_that_lags_behind(twistd_service, redis_server, qu
         assert [f["content"] for f in seen] == backlog
         await client.close()
         # the handshake waits in B's socket; once B runs it races B's catching up (XREAD COUNT 1000)
-        resuming = defer.ensureDeferred(connect(b.port, f"since={seen[-1]['offset']}", timeout=30))
-        await sleep(0.3)
+        resuming = timed(connect(b.port, f"since={seen[-1]['offset']}", timeout=30), 40)
+        await sleep(0.3)  # time on purpose: the SIGSTOP window, for the handshake to reach B's socket
     finally:
         b.proc.send_signal(signal.SIGCONT)
     client = await resuming
@@ -478,30 +424,25 @@ async def test_since_on_a_node_that_lags_behind(twistd_service, redis_server, qu
     r.lpush(queue, *live)
     r.close()
     assert [f["content"] for f in await read_n(client, 30)] == live, "nothing of the backlog again, then live"
-    await assert_quiet([client])
+    await nothing_more([client], pusher(redis_server, queue))
     await client.close()
 
 
-# -- 8. a browser-like client ------------------------------------------------------------
+# -- 7. a browser-like client ------------------------------------------------------------
 
 
 @pytest_twisted.ensureDeferred
 async def test_client_offering_permessage_deflate_connects_and_receives(twistd_service, redis_server, queue):
     """A client offering permessage-deflate (as every browser does) completes the handshake and gets messages."""
-    from autobahn.twisted.websocket import WebSocketClientFactory
     from autobahn.websocket.compress import PerMessageDeflateOffer, PerMessageDeflateResponseAccept
-    from twisted.internet.endpoints import TCP4ClientEndpoint
 
     node = start_nodes(twistd_service, 1, queue=queue)[0]
-    factory = WebSocketClientFactory(f"ws://127.0.0.1:{node.port}/", origin=f"http://127.0.0.1:{node.port}")
-    factory.protocol = Client
-    factory.setProtocolOptions(
-        perMessageCompressionOffers=[PerMessageDeflateOffer()],
-        perMessageCompressionAccept=lambda response: PerMessageDeflateResponseAccept(response),
-    )
-    client = await TCP4ClientEndpoint(reactor, "127.0.0.1", node.port).connect(factory).addTimeout(10, reactor)
-    await client.opened.addTimeout(10, reactor)
-    r = sync_redis(redis_server)
+    options = {
+        "perMessageCompressionOffers": [PerMessageDeflateOffer()],
+        "perMessageCompressionAccept": lambda response: PerMessageDeflateResponseAccept(response),
+    }
+    client = await connect(node.port, origin=f"http://127.0.0.1:{node.port}", options=options)
+    r = redis_server.client()
     r.lpush(queue, "hello", json.dumps({"content": {"big": "x" * 5000}}))
     r.close()
     frames = await read_n(client, 2, timeout=20)

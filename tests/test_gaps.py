@@ -9,19 +9,18 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
 import pytest_twisted
-from conftest import RedisServer
-from helpers import connect, timed, until
+from support.clients import connect
+from support.processes import RedisServer
 from support.proxy import SilentProxy
-from twisted.internet import reactor, threads
-from twisted.internet.task import deferLater
+from support.raw import non_reader
+from support.waiting import sleep, timed, until
+from support.web import health, scrape
+from twisted.internet import threads
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -37,17 +36,6 @@ async def read_messages(
         frame = await client.next(max(0.1, deadline - time.monotonic()))
         (messages if frame["type"] == "message" else others).append(frame)
     return messages, others
-
-
-def health(url: str) -> tuple[int, float]:
-    """GET /healthz: its status and how long the answer took."""
-    started = time.monotonic()
-    try:
-        with urllib.request.urlopen(url + "/healthz", timeout=5) as r:
-            status = r.status
-    except urllib.error.HTTPError as e:
-        status = e.code
-    return status, time.monotonic() - started
 
 
 def rss_kb(pid: int) -> int:
@@ -75,13 +63,11 @@ async def test_a_burst_bigger_than_the_log_reaches_the_client_whole(make_node, q
         await client.next_of("message")
         return redis_sync.xlen(f"{queue}:log") < 1000
 
-    deadline = time.monotonic() + 15
-    while not await trimmed():
-        assert time.monotonic() < deadline, "the log was never trimmed"
+    await until(trimmed, 15, "the log trimmed")
     await client.close()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # real twistd processes
 @pytest_twisted.ensureDeferred
 async def test_a_paused_node_within_its_ttl_misses_nothing(twistd_service, redis_sync, queue):
     """A node stopped (SIGSTOP) for less than --node-ttl while another moves and trims gets every message after."""
@@ -103,7 +89,7 @@ async def test_a_paused_node_within_its_ttl_misses_nothing(twistd_service, redis
     assert a.proc is not None and a.proc.poll() is None
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # real twistd processes
 @pytest_twisted.ensureDeferred
 async def test_a_node_paused_past_its_ttl_tells_its_clients(twistd_service, redis_sync, queue):
     """Stopped longer than --node-ttl, a node finds the trimmed entries missing and sends every client a gap frame."""
@@ -120,17 +106,21 @@ async def test_a_node_paused_past_its_ttl_tells_its_clients(twistd_service, redi
         for start in range(0, len(items), 300):
             redis_sync.lpush(queue, *items[start : start + 300])
         await until(lambda: redis_sync.llen(queue) == 0, 30, "node A moved everything")
-        deadline = time.monotonic() + 20
-        while redis_sync.xlen(f"{queue}:log") >= 1000:  # A trims as it moves, once it reported its own place
-            assert time.monotonic() < deadline, "the log was never trimmed past B"
+
+        async def trimmed() -> bool:  # A trims as it moves, once it reported its own place
             items.append(f"tick{len(items)}")
             redis_sync.lpush(queue, items[-1])
             await until(lambda: redis_sync.llen(queue) == 0, 10, "tick moved")
+            return redis_sync.xlen(f"{queue}:log") < 1000
+
+        if redis_sync.xlen(f"{queue}:log") >= 1000:
+            await until(trimmed, 20, "the log trimmed past B")
     finally:
         b.proc.send_signal(signal.SIGCONT)
     redis_sync.lpush(queue, "after")
     frames = []
-    while not frames or frames[-1].get("content") != "after":
+    while not frames or frames[-1].get("content") != "after":  # bounded: each frame, and at most them all
+        assert len(frames) <= len(items) + 2, frames[-3:]
         frames.append(await client.next(30))
     gaps = [f for f in frames if f["type"] == "gap"]
     assert len(gaps) == 1 and gaps[0]["reason"] == "trimmed" and gaps[0]["missed"] > 0, gaps
@@ -152,7 +142,7 @@ async def test_every_resume_answers_truthfully(make_node, queue, redis_sync):
     watcher = await connect(node.port)
     redis_sync.lpush(queue, *[f"n{i}" for i in range(17)])
     offsets = [m["offset"] for m in await watcher.messages(17)]
-    await deferLater(reactor, 0.01, lambda: None)  # a later millisecond: a hole in the offsets after n16
+    await sleep(0.01)  # time on purpose: a later millisecond, so a hole in the offsets after n16
     redis_sync.lpush(queue, *[f"n{i}" for i in range(17, 20)])
     offsets += [m["offset"] for m in await watcher.messages(3)]
 
@@ -194,7 +184,7 @@ async def test_a_future_since_in_subscribe_is_not_recovered(node, redis_sync):
 # -- Redis faults -----------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # real twistd processes
 @pytest_twisted.ensureDeferred
 async def test_a_half_open_redis_connection_is_noticed(twistd_service, redis_server, queue, redis_sync):
     """A Redis connection that goes silent (no FIN, no RST) is dropped at its reply deadline and made again."""
@@ -212,29 +202,27 @@ async def test_a_half_open_redis_connection_is_noticed(twistd_service, redis_ser
         assert log.count("lost Redis") == 1 and log.count("connected to Redis") == 2, log
         assert "Scheduling retry" not in log
         # the idle request connection is found dead by its next command (a /healthz PING, at the latest)
-        deadline = time.monotonic() + 20
-        while True:
+
+        async def healthy() -> bool:
             status, took = await threads.deferToThread(health, node.url)
             assert took < 1.0, took
-            if status == 200:
-                break
-            assert time.monotonic() < deadline, "never healthy again"
+            return status == 200
+
+        await until(healthy, 20, "healthy again")
         await client.close()
     finally:
         proxy.stop()
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # real twistd processes
 @pytest_twisted.ensureDeferred
 async def test_redis_restored_from_an_older_snapshot_is_told(twistd_service, queue):
     """Redis restarted from an older snapshot: the node says "reset" to its clients instead of silently repeating."""
-    import redis as redis_py
-
     own = RedisServer()
     own.start()
     try:
         node = twistd_service("--redis-timeout", "1", redis=own, queue=queue)
-        r = redis_py.Redis(host=own.host, port=own.port)
+        r = own.client()
         client = await connect(node.port)
         r.lpush(queue, *[f"s{i}" for i in range(10)])
         assert [m["content"] for m in await client.messages(10)] == [f"s{i}" for i in range(10)]
@@ -244,7 +232,7 @@ async def test_redis_restored_from_an_older_snapshot_is_told(twistd_service, que
         r.close()
         await threads.deferToThread(own.stop, signal.SIGKILL)
         await threads.deferToThread(own.start)  # loads dump.rdb: the log is back at 10 entries
-        r = redis_py.Redis(host=own.host, port=own.port)
+        r = own.client()
         r.lpush(queue, *[f"v{i}" for i in range(5)])
         gap = await client.next(20)
         assert gap["type"] == "gap" and gap["reason"] == "reset", gap
@@ -256,7 +244,7 @@ async def test_redis_restored_from_an_older_snapshot_is_told(twistd_service, que
         await threads.deferToThread(own.close)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # real twistd processes
 @pytest_twisted.ensureDeferred
 async def test_healthz_answers_within_a_second_while_redis_is_down(twistd_service, queue):
     """With Redis stopped, /healthz says 503 at once, every time; with Redis back, 200."""
@@ -278,23 +266,7 @@ async def test_healthz_answers_within_a_second_while_redis_is_down(twistd_servic
 # -- memory at the edges ------------------------------------------------------------------------
 
 
-def _open_non_readers(port: int, count: int) -> list[socket.socket]:
-    request = (
-        f"GET /?since=0 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-    sockets = []
-    for _ in range(count):
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        s.settimeout(10)
-        s.connect(("127.0.0.1", port))
-        s.sendall(request)
-        sockets.append(s)
-    return sockets
-
-
-@pytest.mark.slow
+@pytest.mark.slow  # real twistd processes
 @pytest_twisted.ensureDeferred
 async def test_non_reading_since0_clients_do_not_pin_memory(twistd_service, redis_sync, queue):
     """500 clients that ask for since=0 against a full history and never read grow the node by well under 1 MB each."""
@@ -314,24 +286,20 @@ async def test_non_reading_since0_clients_do_not_pin_memory(twistd_service, redi
     await watcher.messages(4000, 60)  # the history now holds 4000 messages, ~4 MB
     assert node.proc is not None
     before = rss_kb(node.proc.pid)
-    sockets = await threads.deferToThread(_open_non_readers, node.port, 500)
+    sockets = await threads.deferToThread(
+        lambda: [non_reader(node.port, "/?since=0", read_head=False) for _ in range(500)]
+    )
     try:
-
-        def connected() -> bool:
-            with urllib.request.urlopen(node.url + "/metrics", timeout=5) as r:
-                return "pushservice_connections 501.0" in r.read().decode()
-
-        await until(connected, 30, "500 connections open")
+        await until(lambda: scrape(node.url).plain["pushservice_connections"] == 501, 30, "500 connections open")
         grown = rss_kb(node.proc.pid) - before
         assert grown < 500 * 512, f"the node grew {grown} KB for 500 non-reading clients"
         redis_sync.lpush(queue, "still serving")
         assert (await watcher.next_of("message", 20))["content"] == "still serving"
-
-        def dropped() -> bool:
-            with urllib.request.urlopen(node.url + "/metrics", timeout=5) as r:
-                return "pushservice_slow_disconnects_total 500.0" in r.read().decode()
-
-        await until(dropped, 30, "the non-readers dropped after --slow-client-seconds")
+        await until(
+            lambda: scrape(node.url).plain["pushservice_slow_disconnects_total"] == 500,
+            30,
+            "the non-readers dropped after --slow-client-seconds",
+        )
     finally:
         for s in sockets:
             s.close()

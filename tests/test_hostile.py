@@ -10,113 +10,15 @@ from __future__ import annotations
 import json
 import random
 import socket
-import struct
 import time
 from typing import Any
 
+import pytest
 import pytest_twisted
-from helpers import Refused, connect, timed, until
-from twisted.internet import reactor, task, threads
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol
-
-KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
-
-
-def upgrade_request(port: int, path: str = "/") -> bytes:
-    return (
-        f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        f"Sec-WebSocket-Key: {KEY.decode()}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    ).encode()
-
-
-def ws_frame(payload: bytes, opcode: int = 1, fin: bool = True, mask: bytes = b"\x37\xfa\x21\x3d") -> bytes:
-    """One masked client frame."""
-    n = len(payload)
-    first = (0x80 if fin else 0) | opcode
-    if n < 126:
-        head = bytes([first, 0x80 | n])
-    elif n < 65536:
-        head = bytes([first, 0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head = bytes([first, 0x80 | 127]) + struct.pack("!Q", n)
-    return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
-
-
-def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
-    """Complete server frames (opcode, payload) at the start of C{buf}, removed from it."""
-    out = []
-    while len(buf) >= 2:
-        n, i = buf[1] & 0x7F, 2
-        if n == 126:
-            if len(buf) < 4:
-                break
-            n, i = struct.unpack("!H", buf[2:4])[0], 4
-        elif n == 127:
-            if len(buf) < 10:
-                break
-            n, i = struct.unpack("!Q", buf[2:10])[0], 10
-        if buf[1] & 0x80:
-            i += 4
-        if len(buf) < i + n:
-            break
-        out.append((buf[0] & 0x0F, bytes(buf[i : i + n])))
-        del buf[: i + n]
-    return out
-
-
-class Raw(Protocol):
-    """A raw TCP client: records what arrives; parses WebSocket frames once upgraded."""
-
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.head: bytes | None = None
-        self.frames: list[tuple[int, bytes]] = []
-        self.lost = False
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buf += data
-        if self.head is None and b"\r\n\r\n" in self.buf:
-            head, _, rest = bytes(self.buf).partition(b"\r\n\r\n")
-            self.head, self.buf = head, bytearray(rest)
-        if self.head is not None and self.status == 101:
-            self.frames += take_frames(self.buf)
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost = True
-
-    @property
-    def status(self) -> int | None:
-        return int(self.head.split(b" ", 2)[1]) if self.head else None
-
-    def send(self, data: bytes) -> None:
-        self.transport.write(data)
-
-    def json_frames(self) -> list[dict[str, Any]]:
-        return [json.loads(p) for op, p in self.frames if op == 1]
-
-    def close_code(self) -> int | None:
-        for op, p in self.frames:
-            if op == 8:
-                return struct.unpack("!H", p[:2])[0] if len(p) >= 2 else 1005
-        return None
-
-    def abort(self) -> None:
-        if not self.lost:
-            self.transport.abortConnection()
-
-
-async def raw(port: int) -> Raw:
-    return await timed(connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), Raw()), 10)
-
-
-async def raw_ws(port: int) -> Raw:
-    """A raw client that completed the WebSocket handshake."""
-    r = await raw(port)
-    r.send(upgrade_request(port))
-    await until(lambda: r.head is not None or r.lost, what="handshake response")
-    assert r.status == 101, r.head
-    return r
+from support.clients import Refused, connect
+from support.raw import closed_by_peer, non_reader, raw, raw_ws, upgrade_request, ws_frame
+from support.waiting import sleep, timed, until
+from twisted.internet import threads
 
 
 async def clean(node: Any, timeout: float = 10.0) -> None:
@@ -291,7 +193,7 @@ async def test_garbage_bytes_on_the_port(node, redis_sync):
 @pytest_twisted.ensureDeferred
 async def test_stalled_handshake_is_closed_and_does_not_block(make_node, queue, redis_sync):
     """A half-sent request head does not block other clients and is closed after --handshake-timeout."""
-    node = await make_node(queue, handshake_timeout=1)
+    node = await make_node(queue, handshake_timeout=1, http_timeout=60)  # only the handshake timeout can close them
     client = await connect(node.port)
     stalled = [await raw(node.port) for _ in range(3)]
     stalled[0].send(upgrade_request(node.port)[:40])
@@ -299,8 +201,7 @@ async def test_stalled_handshake_is_closed_and_does_not_block(make_node, queue, 
     # [2] sends nothing at all
     await assert_serving(node, redis_sync, client, "while stalled")
     late = await connect(node.port)  # new handshakes are served meanwhile
-    elapsed = await until(lambda: all(r.lost for r in stalled), 15, what="stalled sockets closed by the server")
-    assert elapsed < 5
+    await until(lambda: all(r.lost for r in stalled), 15, what="stalled sockets closed by the server")
     await assert_serving(node, redis_sync, late, "after the stall")
     for c in (client, late):
         await c.close()
@@ -373,7 +274,7 @@ async def test_publish_rate_limit(make_node, queue):
     assert delivered == [f"p{i}" for i in range(5)]
     assert [f["content"] for f in await listener.messages(5)] == delivered
     assert client.pending() == 0 and listener.pending() == 0
-    await task.deferLater(reactor, 0.5, lambda: None)  # 5/s refills about two tokens
+    await sleep(0.5)  # time on purpose: at 5/s the budget refills about two tokens
     assert (await client.request({"type": "message", "content": "again", "id": "a"})) == {"type": "ack", "id": "a"}
     assert (await listener.next_of("message"))["content"] == "again"
     assert node.stats.errors["rate_limited"] == 15
@@ -415,61 +316,26 @@ async def test_max_connections_answers_503(make_node, queue):
     for c in [*clients, again]:
         await c.close()
     await clean(node)
-    assert node.running.factory.countConnections == 0
+    assert node.parts.factory.countConnections == 0
 
 
 # -- slow consumers --------------------------------------------------------------
 
 
-def _slow_connect(port: int) -> socket.socket:
-    """A blocking socket with a tiny receive buffer that completes the handshake, then never reads."""
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    s.sendall(upgrade_request(port))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        if not chunk:
-            raise ConnectionError("closed during the handshake")
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return s
-
-
-def _closed_by_peer(s: socket.socket, seconds: float = 10.0) -> bool:
-    """Drain C{s}; True if the server closed (EOF or reset) within C{seconds}."""
-    s.settimeout(seconds)
-    deadline = time.monotonic() + seconds
-    try:
-        while time.monotonic() < deadline:
-            if not s.recv(1 << 20):
-                return True
-    except (ConnectionResetError, BrokenPipeError):
-        return True
-    except TimeoutError:
-        return False
-    finally:
-        s.close()
-    return False
-
-
+@pytest.mark.slow  # about 2 s: a socket filled on purpose, and a drop after --slow-client-seconds
 @pytest_twisted.ensureDeferred
 async def test_slow_client_is_dropped_and_memory_bounded(make_node, queue, redis_sync):
     """A client that never reads is dropped after slow_client_seconds; what is queued for it stays under the bound."""
-    from pushservice._internals import transport_queued
-
     limit, size, batch, total = 128 * 1024, 8 * 1024, 8, 300
     node = await make_node(queue, slow_client_bytes=limit, slow_client_seconds=1, batch=batch)
     reader = await connect(node.port)
-    sock = await threads.deferToThread(_slow_connect, node.port)
+    sock = await threads.deferToThread(non_reader, node.port)
     local = sock.getsockname()[1]
     await until(
-        lambda: any(p.transport.getPeer().port == local for p in node.running.factory.connections()),
+        lambda: any(p.transport.getPeer().port == local for p in node.parts.factory.connections()),
         what="slow client registered",
     )
-    slow = next(p for p in node.running.factory.connections() if p.transport.getPeer().port == local)
+    slow = next(p for p in node.parts.factory.connections() if p.transport.getPeer().port == local)
     # loopback autotunes a send buffer up to tcp_wmem's max (4 MiB): pin the kernel's share to 64 KiB
     # so that a bounded push fills it and the node's own buffering is what gets tested
     slow.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
@@ -480,12 +346,12 @@ async def test_slow_client_is_dropped_and_memory_bounded(make_node, queue, redis
         redis_sync.lpush(queue, *[f"{i:05d}{filler}" for i in range(start, min(total, start + batch))])
         got += await reader.messages(min(total, start + batch) - start, 15)
         if slow.transport is not None and slow.session is not None:
-            peak = max(peak, transport_queued(slow.transport))
+            peak = max(peak, slow.queued())
     assert [f["content"][:5] for f in got] == [f"{i:05d}" for i in range(total)]
     assert peak <= limit + size + 64, peak
     await until(lambda: node.stats.slow_disconnects == 1, 10, what="slow client dropped")
     await until(lambda: node.stats.connections == 1, 10, what="slow client gone, the reader still connected")
-    assert await threads.deferToThread(_closed_by_peer, sock), "the server never closed the slow socket"
+    assert await threads.deferToThread(closed_by_peer, sock), "the server never closed the slow socket"
     await assert_serving(node, redis_sync, reader, "after the slow one")
     await reader.close()
     await clean(node)
@@ -524,11 +390,9 @@ async def test_edge_case_content_round_trips(node, redis_sync):
         assert replies[i]["code"] == "bad_request", replies[i]
     redis_sync.lpush(node.config.queue, "sentinel")
     for c in (listener, client):
-        while True:
-            frame = await c.next_of("message")
-            if frame["content"] == "sentinel":
-                break
-            got[c].append(frame["content"])
+        frames = await c.until_marker("sentinel")
+        assert all(f["type"] == "message" for f in frames), frames
+        got[c] += [f["content"] for f in frames]
         assert got[c] == contents
     assert redis_sync.llen(node.config.dead_key) == 0
     # a lone surrogate (no UTF-8 form) is refused, not relayed
@@ -572,7 +436,7 @@ async def test_no_leaks_after_churn(make_node, queue, redis_sync):
         r.abort()
     await until(lambda: not node.hub.peers, 10, what="every peer removed")
     await clean(node)
-    assert node.running.factory.countConnections == 0
+    assert node.parts.factory.countConnections == 0
     # and the node still serves a newcomer
     late = await connect(node.port, "channels=q0")
     redis_sync.lpush(queue, json.dumps({"content": "fresh", "channel": "q0"}))

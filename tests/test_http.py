@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from helpers import Refused, connect, until
-from test_hostile import Raw, raw, raw_ws, upgrade_request, ws_frame
-from twisted.internet import reactor, task
+from support.clients import Refused, connect
+from support.raw import Raw, raw, raw_ws, upgrade_request, ws_frame
+from support.waiting import sleep, until
+from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.web import resource, server
 
@@ -55,11 +56,11 @@ async def ask(port: int, data: bytes, timeout: float = 10.0) -> Raw:
 
 
 def port_factory(node: Any) -> Any:
-    return node.running.ports[0].factory
+    return node.parts.ports[0].factory
 
 
 def address_limits(node: Any) -> Any:
-    return node.running.factory.addresses
+    return node.parts.factory.addresses
 
 
 # -- methods and bodies ------------------------------------------------------------------
@@ -171,7 +172,7 @@ async def test_keep_alive_gets_one_response_then_close(make_node, queue):
         if dripper.lost:
             break
         dripper.send(second[i : i + 1])
-        await task.deferLater(reactor, 0.05, lambda: None)
+        await sleep(0.05)  # time on purpose: a drip, one byte at a time
     await until(lambda: dripper.lost, 5, what="closed after the first response")
     assert dripper.status == 200 and b"HTTP/1.1" not in bytes(dripper.buf)
 
@@ -199,7 +200,7 @@ async def test_plain_http_is_cut_at_http_timeout(make_node, queue):
             break
         r.send(b"x")
         sent += 1
-        await task.deferLater(reactor, 0.1, lambda: None)
+        await sleep(0.1)  # time on purpose: a drip that outlives --http-timeout
     assert r.lost, "the drip kept the connection alive"
     # the deadline, not something sooner: it lived at least its second, and never got an answer
     assert time.monotonic() - started >= 0.9 and sent >= 1 and r.head is None

@@ -34,6 +34,7 @@ def test_send_now_and_queued_on_a_real_tcp_transport():
     client = socket.socket()
     client.connect(listener.getsockname())
     accepted, _ = listener.accept()
+    transport = None
     try:
         transport = tcp.Server(accepted, _Null(), ("127.0.0.1", 1), None, 1, reactor)
         assert _internals.transport_queued(transport) == 0
@@ -43,8 +44,12 @@ def test_send_now_and_queued_on_a_real_tcp_transport():
         assert _internals.transport_queued(transport) == 6
         assert _internals.send_now(transport, b"x") == 0  # would overtake what is queued
         assert _internals.transport_queued(object()) == 0 and _internals.send_now(object(), b"x") == 0
-        transport.stopWriting()
     finally:
+        if transport is not None:
+            # tcp.Server registered the socket with the reactor: unregister it before its fd is closed, or
+            # the reactor keeps a stale entry and never watches the next socket that gets the same number
+            transport.stopReading()
+            transport.stopWriting()
         for s in (client, accepted, listener):
             s.close()
 

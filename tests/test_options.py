@@ -1,19 +1,17 @@
-"""Plugin discovery, ``twistd pushservice`` options, the config file and Redis URLs (fast: no servers)."""
+"""Plugin discovery, ``twistd pushservice`` options, the config file and Redis URLs (no servers; two run twistd --help)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support.processes import TWISTD
 from twisted.python import usage
 
 from pushservice.config import FLAGS, OPTIONS, Config, RedisAddress, parse_redis_url
 from pushservice.tap import Options
-
-TWISTD = Path(sys.executable).with_name("twistd")
 
 
 def parse(*args: str) -> Config:
@@ -36,6 +34,7 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PUSHSERVICE_CONFIG")}
 
 
+@pytest.mark.slow  # a twistd process
 def test_installed_plugin_listed_by_twistd_help(tmp_path: Path) -> None:
     """`twistd --help` from the venv, outside the source tree and without PYTHONPATH, lists pushservice."""
     result = subprocess.run(
@@ -46,6 +45,7 @@ def test_installed_plugin_listed_by_twistd_help(tmp_path: Path) -> None:
     assert any(line.split()[:1] == ["pushservice"] for line in commands.splitlines()), result.stdout
 
 
+@pytest.mark.slow  # a twistd process
 def test_installed_plugin_options_help(tmp_path: Path) -> None:
     """`twistd pushservice --help` from the installed package documents --listen, --redis and --config."""
     result = subprocess.run(

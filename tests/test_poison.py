@@ -6,21 +6,24 @@ load after a restart; deeply nested client frames cost one error each; a
 stalled loop turns /healthz to 503 and back; and a Hypothesis run of client
 frames leaves every reply accounted for and the hub as it was. Real
 redis-server, real nodes (in-process or twistd), real WebSocket clients
-that check every frame (tests/strict.py).
+that check every frame (tests/support/clients.py).
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import time
 from collections import Counter
 from typing import Any
 
 import pytest
 import pytest_twisted
-from helpers import until
 from hypothesis import strategies as st
-from strict import CLOSED, NOT_STRICT, connect, examples, get, metrics
+from support.clients import CLOSED, NOT_STRICT, connect
+from support.examples import examples
+from support.processes import assert_clean_log
+from support.waiting import read_to_marker, until
+from support.web import get, metrics
 
 # items a producer may push that cannot be delivered (see test_private for every class)
 UNDELIVERABLE = [
@@ -55,20 +58,13 @@ HUGE = json.dumps("h" * 3_000_000).encode()  # bigger than any item the movers t
 
 async def marker_round(client: Any, redis_sync: Any, queue: str, marker: str) -> list[dict[str, Any]]:
     """Push the broadcast C{marker}; every frame C{client} got before it."""
-    redis_sync.lpush(queue, marker)
-    frames = await client.until_marker(marker, timeout=20)
-    assert all(f["type"] != NOT_STRICT for f in frames), frames
-    return frames
-
-
-def clean_log(text: str) -> None:
-    assert "Traceback" not in text, text[-5000:]
-    assert "Unhandled" not in text, text[-5000:]
+    return await read_to_marker(client, functools.partial(redis_sync.lpush, queue), marker)
 
 
 # -- poison in the log ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real twistd process
 @pytest_twisted.ensureDeferred
 async def test_no_log_entry_stops_the_fan_out_live_or_after_a_restart(twistd_service, redis_sync):
     """Undeliverable items and hand-written poison entries are skipped (a log line each, metrics); good ones flow, also after a restart."""
@@ -95,7 +91,7 @@ async def test_no_log_entry_stops_the_fan_out_live_or_after_a_restart(twistd_ser
     text = node.log()
     skipped = len(POISON) + 1  # and the huge one
     assert text.count("skipped log entry") == skipped, text[-5000:]
-    clean_log(text)
+    assert_clean_log(text)
     samples = await metrics(node.url)
     assert samples["pushservice_log_entries_skipped_total"] == skipped
     assert samples["pushservice_dead_letters_total"] == len(POISON)
@@ -106,7 +102,7 @@ async def test_no_log_entry_stops_the_fan_out_live_or_after_a_restart(twistd_ser
     node.restart()  # the history load reads the same poison: waits until /healthz says 200
     text = node.log()
     assert text.count("skipped log entry") == 2 * skipped, text[-5000:]
-    clean_log(text)
+    assert_clean_log(text)
     replay = await connect(node.port, f"since={first}")
     redis_sync.lpush(queue, "after restart")
     frames = await marker_round(replay, redis_sync, queue, "marker 2")
@@ -157,6 +153,7 @@ async def test_an_entry_numbered_out_of_sequence_makes_at_most_one_gap(make_node
 # -- the old attack: deep nesting from a client --------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real twistd process
 @pytest_twisted.ensureDeferred
 async def test_deeply_nested_client_frames_cost_one_error_each(twistd_service, redis_sync):
     """~100 frames nested 900-999 deep from one client: each a bad_request, nothing queued, a bystander served, no traceback."""
@@ -184,7 +181,7 @@ async def test_deeply_nested_client_frames_cost_one_error_each(twistd_service, r
     assert sorted(replies) == list(range(100))
     assert redis_sync.llen(queue) == 0 and redis_sync.xlen(f"{queue}:log") == 4, "only the markers were queued"
     assert (await metrics(node.url))["pushservice_client_publishes_total"] == 0
-    clean_log(node.log())
+    assert_clean_log(node.log())
     await attacker.close()
     await bystander.close()
 
@@ -192,6 +189,7 @@ async def test_deeply_nested_client_frames_cost_one_error_each(twistd_service, r
 # -- health of the loops ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a real twistd process
 @pytest_twisted.ensureDeferred
 async def test_healthz_says_503_while_a_loop_stalls_and_200_after(twistd_service, redis_sync):
     """With the log key of the wrong type every step fails: /healthz 503 with why; fixed, 200 and nothing lost, in order."""
@@ -236,17 +234,13 @@ async def until_health(url: str, status: int, timeout: float) -> tuple[int | Non
     Fails after C{timeout} seconds, or if one GET is not answered in 3 s (SPEC:
     within 1 s; the rest is for a loaded machine, not the node).
     """
-    from twisted.internet import reactor
-    from twisted.internet.task import deferLater
 
-    deadline = time.monotonic() + timeout
-    while True:
+    async def answered() -> tuple[int | None, str] | None:
         answer = await get(url + "/healthz", timeout=3)
-        assert answer[0] in (200, 503), answer
-        if answer[0] == status:
-            return answer
-        assert time.monotonic() < deadline, f"/healthz not {status} after {timeout}s: {answer}"
-        await deferLater(reactor, 0.2, lambda: None)
+        assert answer.status in (200, 503), answer
+        return (answer.status, answer.body) if answer.status == status else None
+
+    return await until(answered, timeout, f"/healthz {status}", interval=0.2)  # type: ignore[no-any-return]
 
 
 # -- issue 14 item 7: whatever frames a client sends ----------------------------------------------------------
@@ -373,6 +367,7 @@ async def test_any_client_frames_get_one_reply_each_and_leave_the_hub_as_it_was(
 
         replies: list[dict[str, Any]] = []
         while not replies or replies[-1].get("id") != end:
+            assert len(replies) <= len(batch), (replies, batch)  # one reply each, and the end's
             frame = await attacker.next()
             assert frame["type"] not in (NOT_STRICT, CLOSED), (frame, batch)
             if frame["type"] != "message":

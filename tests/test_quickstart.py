@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
-import urllib.request
-import uuid
 
 import pytest
-from conftest import TWISTD, TwistdProcess, free_port, twistd_args
+from support.processes import CLEAN_EXIT, TWISTD, TwistdProcess, assert_clean_log, free_port, twistd_args
+from support.waiting import until_sync
+from support.web import http_get
+
+pytestmark = pytest.mark.slow  # real twistd processes
 
 
 def redis_on_6379() -> bool:
@@ -21,35 +22,28 @@ def redis_on_6379() -> bool:
         return False
 
 
-def test_without_redis_option_a_local_redis_is_used_and_the_demo_served(tmp_path):
+def test_without_redis_option_a_local_redis_is_used_and_the_demo_served(tmp_path, queue):
     """No --redis: the node uses (or starts) Redis on 127.0.0.1:6379, logs the demo URL, serves / and delivers."""
     import redis
 
     had_redis = redis_on_6379()
     port = free_port()
-    queue = f"q-{uuid.uuid4().hex[:8]}"
     node = TwistdProcess(twistd_args(port, queue), tmp_path, port, queue)
     node.start()
     try:
         assert f"demo page: http://127.0.0.1:{port}/" in node.log()
-        with urllib.request.urlopen(node.url + "/", timeout=5) as r:
-            page = r.read().decode()
-        assert "pushservice.js" in page and "LPUSH" in page
-        with urllib.request.urlopen(node.url + "/pushservice.js", timeout=5) as r:
-            assert b"class PushService" in r.read()
+        page = http_get(node.url + "/")
+        assert page.status == 200 and "pushservice.js" in page.body and "LPUSH" in page.body
+        script = http_get(node.url + "/pushservice.js")
+        assert script.status == 200 and "class PushService" in script.body
         client = redis.Redis(port=6379, socket_timeout=5)
         client.lpush(queue, "hello")
-        for _ in range(100):
-            if client.llen(queue) == 0 and client.xlen(f"{queue}:log") == 1:
-                break
-            time.sleep(0.05)
-        assert client.xlen(f"{queue}:log") == 1, node.log()
+        until_sync(lambda: client.llen(queue) == 0 and client.xlen(f"{queue}:log") == 1, 5, f"moved\n{node.log()}")
         client.delete(queue, f"{queue}:log")
         client.close()
     finally:
-        # twistd re-raises SIGTERM after a clean shutdown, so the exit status is the signal's
-        assert node.stop() in (0, -15)
-    assert "Traceback" not in node.log()
+        assert node.stop() in CLEAN_EXIT
+    assert_clean_log(node.log())
     if not had_redis:
         assert "started a private redis-server" in node.log()
         assert not redis_on_6379(), "the private redis-server must stop with the node"

@@ -387,6 +387,7 @@ def test_fuzz_arbitrary_bytes(payload, binary, limit):
     _only_wire_errors(payload, binary, limit)
 
 
+@pytest.mark.slow  # 400 Hypothesis examples: about 2.5 s
 @settings(derandomize=True, max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(value=json_values | frames, limit=st.integers(0, 2000))
 def test_fuzz_arbitrary_json(value, limit):
