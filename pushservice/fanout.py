@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from .logentry import Message
+from .metrics import Stats
 from .outbox import Outbox
 
 __all__ = ["SHARE_LIMIT", "SLICE", "FanOut", "Peer"]
@@ -53,9 +54,10 @@ class FanOut:
 
     _log = Logger()
 
-    def __init__(self, clock: IReactorTime, targets: Callable[[Message], Collection[Peer]]) -> None:
+    def __init__(self, clock: IReactorTime, targets: Callable[[Message], Collection[Peer]], stats: Stats) -> None:
         self._clock = clock
         self._targets = targets
+        self._stats = stats
         self._inflight: _Batch | None = None
         self._batches = 0
 
@@ -123,7 +125,8 @@ class FanOut:
 
     def _write_slice(self, batch: _Batch, start: int, done: Deferred[None] | None) -> None:
         end = start + SLICE
-        first, bid = batch.first, batch.id
+        first, bid, blob, shares = batch.first, batch.id, batch.blob, batch.shares
+        written = count = size = 0
         for peer in batch.peers[start:end]:
             outbox = peer.outbox
             # skipped: not live (it catches up from history), or it already caught up past this batch
@@ -131,17 +134,23 @@ class FanOut:
                 continue
             outbox.batch_done = bid
             try:
-                if batch.shares is None:
-                    assert batch.blob is not None
-                    outbox.offer(batch.blob, batch.count)
+                if blob is not None:
+                    outbox.offer(blob)
+                    written += 1
                 else:
-                    share = batch.shares[peer]
+                    assert shares is not None
+                    share = shares[peer]
                     if share is None:
-                        outbox.behind(first - 1)
+                        outbox.behind(first - 1)  # counted as it catches up
                     else:
-                        outbox.offer(*share)
+                        outbox.offer(share[0])
+                        count += share[1]
+                        size += len(share[0])
             except Exception:
                 self._log.failure("delivery to one connection failed; going on with the next")
+        if blob is not None:
+            count, size = written * batch.count, written * len(blob)
+        self._stats.delivered(count, size)
         if end < len(batch.peers):
             self._clock.callLater(0, self._write_slice, batch, end, done)
         elif done is not None:

@@ -39,7 +39,7 @@ class Hub:
         self._by_user: dict[str, set[Peer]] = {}
         self._paused: set[Outbox] = set()
         self._waiting: set[Outbox] = set()
-        self._fanout = FanOut(clock, self._targets)
+        self._fanout = FanOut(clock, self._targets, stats)
         self._ready = False
         self._when_ready: list[Deferred[None]] = []
         self._sweep = LoopingCall(self._drop_stalled)
@@ -60,6 +60,11 @@ class Hub:
         waiting, self._when_ready = self._when_ready, []
         for d in waiting:
             d.callback(None)
+
+    @property
+    def ready(self) -> bool:
+        """The history is loaded."""
+        return self._ready
 
     def when_ready(self) -> Deferred[None]:
         if self._ready:

@@ -77,8 +77,12 @@ class Mover:
                         self.progress.idle()
                         continue
                     peeked = [tail]
+                    woken = True
+                else:
+                    woken = False
                 self.progress.working()
-                peeked = await self._step(peeked)
+                # woken with one item: if more wait (a burst), peek them first and move them as one batch
+                peeked = await self._step(peeked, hold=woken)
                 self.progress.stepped()
                 self._retries.succeeded()
             except Exception:
@@ -89,7 +93,7 @@ class Mover:
                 if not self._stopping:
                     await self._retries.after(failure)
 
-    async def _step(self, peeked: list[bytes | None]) -> list[bytes | None]:
+    async def _step(self, peeked: list[bytes | None], hold: bool = False) -> list[bytes | None]:
         """Decide the peeked items, run the script; the next items to decide."""
         import txredisapi
 
@@ -113,6 +117,7 @@ class Mover:
             config.log_hard_maxlen,
             config.dead_maxlen,
             config.node_key_prefix,
+            1 if hold else 0,
             len(decided),
         ]
         for arguments in decided.values():

@@ -1,7 +1,8 @@
-"""What a connection's session is given: the node it lives on, what its URL asked for, its connection."""
+"""What a connection's session is given (the node it lives on, what its URL asked for, its connection) and its states."""
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,7 +17,7 @@ from .outbox import Sink
 from .strictjson import JSONRules
 from .wire import Offset
 
-__all__ = ["Connection", "Node", "Query"]
+__all__ = ["Connection", "Node", "Query", "State"]
 
 
 class Connection(Sink, Protocol):
@@ -47,3 +48,12 @@ class Query:
     channels: tuple[str, ...] = ()
     since: Offset | None = None
     auth_frame: bool = False
+
+
+class State(enum.Enum):
+    """Where a session is in its life (see pushservice.session)."""
+
+    AUTHENTICATING = "authenticating"
+    JOINING = "joining"
+    JOINED = "joined"
+    CLOSED = "closed"

@@ -67,14 +67,33 @@ class _Range:
 class Outbox:
     """The output side of one connection: live writes, or its place in history and a catch-up."""
 
+    # one per connection: slots, and the queue and floors only while there are any (memory per connection)
+    __slots__ = (
+        "_peer",
+        "_sink",
+        "_hub",
+        "_clock",
+        "_limit",
+        "_queue",
+        "_floors",
+        "_pumping",
+        "_closed",
+        "live",
+        "paused",
+        "paused_at",
+        "cursor",
+        "caught_up_to",
+        "batch_done",
+    )
+
     def __init__(self, peer: Peer, sink: Sink, hub: Hub, clock: IReactorTime, limit: int) -> None:
         self._peer = peer
         self._sink = sink
         self._hub = hub
         self._clock = clock
         self._limit = max(limit, MIN_LIMIT)  # above Twisted's pause threshold, or a full socket would spin
-        self._queue: deque[bytes | memoryview | _Range] = deque()
-        self._floors: dict[str | None, Offset] = {}
+        self._queue: deque[bytes | memoryview | _Range] | None = None
+        self._floors: dict[str | None, Offset] | None = None
         self._pumping: Any = None
         self._closed = False
         #: Written to as the hub delivers (True), or catching up from C{cursor} (False).
@@ -90,21 +109,18 @@ class Outbox:
 
     # -- from the hub ------------------------------------------------------------
 
-    def offer(self, data: bytes, count: int) -> None:
-        """A live connection's share of a batch: C{count} messages framed in C{data}."""
-        self._hub.stats.delivered(count, len(data))
-        rest = self._write(data)
-        if rest is not None:
-            self._keep_first(rest)
+    def offer(self, data: bytes) -> None:
+        """A live connection's share of a batch (counted by the caller): straight to the socket if it takes it."""
+        sent = self._sink.send_now(data)  # live, so not paused
+        if sent != len(data):
+            self._keep_first(self._write_rest(data, sent))
 
     def send(self, data: bytes) -> None:
         """A reply or notice: now, or after what is already queued."""
         if self.live and not self.paused and not self._queue:
-            rest = self._write(data)
-            if rest is not None:
-                self._keep_first(rest)
+            self._keep_first(self._write(data))
         else:
-            self._queue.append(data)
+            self._enqueue(data)
             self._schedule()
 
     def behind(self, position: int) -> None:
@@ -117,21 +133,19 @@ class Outbox:
     def replay(self, start: int, end: int, channel: str) -> None:
         """Queue the history messages of C{channel} from index C{start} to C{end}, before the rest."""
         if start <= end:
-            self._queue.append(_Range(start, end, channel))
+            self._enqueue(_Range(start, end, channel))
         self._schedule()
 
     def skip_until(self, offset: Offset, channel: str | None = None) -> None:
         """Leave out messages up to C{offset} (of C{channel}, or all): a client that saw them on a node ahead."""
+        if self._floors is None:
+            self._floors = {}
         self._floors[channel] = max(offset, self._floors.get(channel, offset))
-
-    def wake(self) -> None:
-        """The log moved on: a connection waiting for it catches up."""
-        self._schedule()
 
     def close(self) -> None:
         self._closed = True
         self.live = False  # a batch being written skips it
-        self._queue.clear()
+        self._queue = None
         if self._pumping is not None and self._pumping.active():
             self._pumping.cancel()
         self._pumping = None
@@ -159,10 +173,12 @@ class Outbox:
 
     def _write(self, data: bytes | memoryview) -> memoryview | None:
         """Hand C{data} to the socket, or to the transport up to the limit; the rest, if any."""
+        sent = 0 if self.paused else self._sink.send_now(data)
+        return None if sent == len(data) else self._write_rest(data, sent)
+
+    def _write_rest(self, data: bytes | memoryview, sent: int) -> memoryview | None:
+        """What the socket did not take of C{data}: to the transport up to the limit; the rest, if any."""
         sink = self._sink
-        sent = 0 if self.paused else sink.send_now(data)
-        if sent == len(data):
-            return None
         rest = memoryview(data)[sent:]
         room = self._limit - sink.queued()
         if len(rest) <= room:
@@ -173,15 +189,34 @@ class Outbox:
             rest = rest[room:]
         return rest
 
-    def _keep_first(self, rest: memoryview) -> None:
-        """Keep the unsent rest of a write at the front; the connection catches up after it."""
-        self._queue.appendleft(rest)
+    def _keep_first(self, rest: memoryview | None) -> None:
+        """Keep the unsent rest of a write, if any, at the front; the connection catches up after it."""
+        if rest is None:
+            return
+        self._enqueue(rest, front=True)
         if self.live:
             self.behind(self._hub.position_of(self._peer))
+
+    def _enqueue(self, item: bytes | memoryview | _Range, front: bool = False) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        if front:
+            self._queue.appendleft(item)
+        else:
+            self._queue.append(item)
+
+    def _dequeue(self) -> None:
+        assert self._queue is not None
+        self._queue.popleft()
+        if not self._queue:
+            self._queue = None  # an empty deque is 760 bytes; most connections never queue anything
 
     def _schedule(self) -> None:
         if self._pumping is None and not self.paused and not self._closed:
             self._pumping = self._clock.callLater(0, self._pump)
+
+    #: The log moved on: a connection waiting for it catches up.
+    wake = _schedule
 
     def _pump(self) -> None:
         """Write what is queued, then catch up from history, until paused or a turn's worth is written."""
@@ -194,7 +229,7 @@ class Outbox:
             budget -= len(piece)
             rest = self._write(piece)
             if rest is not None:
-                self._queue.appendleft(rest)
+                self._enqueue(rest, front=True)
         self._schedule()
 
     def _next_piece(self) -> bytes | memoryview | None:
@@ -203,14 +238,14 @@ class Outbox:
         while self._queue:
             head = self._queue[0]
             if not isinstance(head, _Range):
-                self._queue.popleft()
+                self._dequeue()
                 return head
             if head.start < history.first:
                 self._drop("fell behind the history window")
                 return None
             head.start, piece = self._gather(head.start, head.end, head.channel)
             if head.start > head.end:
-                self._queue.popleft()
+                self._dequeue()
             if piece:
                 return piece
         if self.live:
@@ -246,17 +281,18 @@ class Outbox:
         return index, parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _below_floor(self, offset: Offset, channel: str | None) -> bool:
-        floors = self._floors
+        floors = self._floors or {}
         return (None in floors and offset <= floors[None]) or (
             channel is not None and channel in floors and offset <= floors[channel]
         )
 
     def _caught_up(self) -> None:
         history = self._hub.history
-        for key, floor in list(self._floors.items()):
+        floors = self._floors or {}
+        for key, floor in list(floors.items()):
             if history.last_offset >= floor:
-                del self._floors[key]
-        if self._floors:
+                del floors[key]
+        if floors:
             self._hub.wait_for_log(self)  # pumped again when the log moves on
             return
         self.live = True

@@ -6,7 +6,9 @@
 --       dead-letter list, 4 the sequence counter, 5 the set of node ids
 -- ARGV: 1 max item bytes, 2 peek count, 3 peek byte budget, 4 log maxlen,
 --       5 log hard maxlen, 6 dead-letter maxlen, 7 node position key prefix,
---       8 n, then n decisions of 5 arguments each:
+--       8 "1": commit nothing if more items wait than were decided (just peek
+--       them: a burst is then decided and committed as one batch),
+--       9 n, then n decisions of 5 arguments each:
 --       item, content (JSON), channel, user, reason ("" unless undeliverable)
 --
 -- 1. Commit: pop items from the tail (the oldest) while the node has decided
@@ -29,7 +31,7 @@
 local max_item = tonumber(ARGV[1])
 local peek_count = tonumber(ARGV[2])
 local peek_budget = tonumber(ARGV[3])
-local n = tonumber(ARGV[8])
+local n = tonumber(ARGV[9])
 local MAX_OVERSIZED = 1 -- oversized items copied into Lua per step (they are read only to be measured)
 
 -- A failed call aborts a script without undoing what it did: check the keys
@@ -44,12 +46,16 @@ end
 
 local decided = {}
 for i = 0, n - 1 do
-  decided[ARGV[9 + 5 * i]] = 9 + 5 * i
+  decided[ARGV[10 + 5 * i]] = 10 + 5 * i
 end
 
 local seq = tonumber(redis.call("GET", KEYS[4]) or "0")
 local moved, dead, oversized = 0, {}, 0
-for _ = 1, n + MAX_OVERSIZED do
+local commits = n + MAX_OVERSIZED
+if ARGV[8] == "1" and redis.call("LLEN", KEYS[1]) > n then
+  commits = 0
+end
+for _ = 1, commits do
   local item = redis.call("LINDEX", KEYS[1], -1)
   if not item then break end
   local reason, at = nil, nil

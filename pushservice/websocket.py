@@ -48,8 +48,13 @@ _HANDSHAKE_LEFTOVERS = (
 )
 
 
+_NO_QUERY = Query()
+
+
 def _query(params: dict[str, list[str]], max_channels: int) -> Query:
     """The connect URL's query. @raise ValueError: with what is wrong."""
+    if not params:
+        return _NO_QUERY  # most connections: no channels, since or auth in the URL
     channels = tuple(check_channel(c) for v in params.get("channels", []) for c in v.split(",") if c)
     if len(channels) > max_channels:
         raise ValueError(f"at most {max_channels} channels")
