@@ -199,11 +199,7 @@ class Hub:
     # -- delivery ----------------------------------------------------------
 
     def deliver(self, batch: list[Message]) -> Deferred[None] | None:
-        """
-        Append a batch of log messages to the history and write each live
-        connection its share (see L{FanOut.write}); a Deferred that fires
-        when they are all written, or None if that is already so.
-        """
+        """Append a batch to the history, write each live connection its share; fires when all are written (or None)."""
         history = self.history
         first = history.next
         for message in batch:

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
+from .backlog import Backlog
 from .wire import Offset
 
 if TYPE_CHECKING:
@@ -31,8 +32,6 @@ if TYPE_CHECKING:
 
 __all__ = ["Outbox", "Sink"]
 
-#: Bytes gathered from history per write while catching up.
-PIECE = 64 * 1024
 #: Bytes one connection may write in one reactor turn while catching up: the others get theirs.
 TURN = 256 * 1024
 #: The smallest queue bound: twice Twisted's pause threshold (FileDescriptor.bufferSize, 64 KiB).
@@ -68,22 +67,9 @@ class Outbox:
     """The output side of one connection: live writes, or its place in history and a catch-up."""
 
     # one per connection: slots, and the queue and floors only while there are any (memory per connection)
-    __slots__ = (
-        "_peer",
-        "_sink",
-        "_hub",
-        "_clock",
-        "_limit",
-        "_queue",
-        "_floors",
-        "_pumping",
-        "_closed",
-        "live",
-        "paused",
-        "paused_at",
-        "cursor",
-        "caught_up_to",
-        "batch_done",
+    __slots__ = tuple(
+        "_peer _sink _hub _clock _limit _queue _backlog _pumping _closed "
+        "live paused paused_at cursor caught_up_to batch_done".split()
     )
 
     def __init__(self, peer: Peer, sink: Sink, hub: Hub, clock: IReactorTime, limit: int) -> None:
@@ -93,7 +79,7 @@ class Outbox:
         self._clock = clock
         self._limit = max(limit, MIN_LIMIT)  # above Twisted's pause threshold, or a full socket would spin
         self._queue: deque[bytes | memoryview | _Range] | None = None
-        self._floors: dict[str | None, Offset] | None = None
+        self._backlog: Backlog | None = None  # made when it first has to catch up
         self._pumping: Any = None
         self._closed = False
         #: Written to as the hub delivers (True), or catching up from C{cursor} (False).
@@ -138,9 +124,12 @@ class Outbox:
 
     def skip_until(self, offset: Offset, channel: str | None = None) -> None:
         """Leave out messages up to C{offset} (of C{channel}, or all): a client that saw them on a node ahead."""
-        if self._floors is None:
-            self._floors = {}
-        self._floors[channel] = max(offset, self._floors.get(channel, offset))
+        self._reader().skip_until(offset, channel)
+
+    def _reader(self) -> Backlog:
+        if self._backlog is None:
+            self._backlog = Backlog(self._hub, self._peer)
+        return self._backlog
 
     def close(self) -> None:
         self._closed = True
@@ -243,7 +232,7 @@ class Outbox:
             if head.start < history.first:
                 self._drop("fell behind the history window")
                 return None
-            head.start, piece = self._gather(head.start, head.end, head.channel)
+            head.start, piece = self._reader().gather(head.start, head.end, head.channel)
             if head.start > head.end:
                 self._dequeue()
             if piece:
@@ -256,47 +245,15 @@ class Outbox:
         if self.cursor >= history.next:
             self._caught_up()
             return None
-        self.cursor, piece = self._gather(self.cursor, history.last, None)
+        self.cursor, piece = self._reader().gather(self.cursor, history.last, None)
         return piece if piece else self._next_piece()
 
-    def _gather(self, start: int, end: int, channel: str | None) -> tuple[int, bytes]:
-        """Frames for this connection from history indices C{start}..C{end}, up to a piece; where it stopped."""
-        history, hub, peer, floors = self._hub.history, self._hub, self._peer, self._floors
-        parts: list[bytes] = []
-        size = 0
-        index = start
-        while index <= end and size < PIECE:
-            message = history[index]
-            index += 1
-            if channel is not None and message.channel != channel:
-                continue
-            if not hub.wants(peer, message):
-                continue
-            if floors and self._below_floor(message.offset, message.channel):
-                continue
-            parts.append(message.frame)
-            size += len(message.frame)
-        if parts:
-            hub.stats.delivered(len(parts), size)
-        return index, parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _below_floor(self, offset: Offset, channel: str | None) -> bool:
-        floors = self._floors or {}
-        return (None in floors and offset <= floors[None]) or (
-            channel is not None and channel in floors and offset <= floors[channel]
-        )
-
     def _caught_up(self) -> None:
-        history = self._hub.history
-        floors = self._floors or {}
-        for key, floor in list(floors.items()):
-            if history.last_offset >= floor:
-                del floors[key]
-        if floors:
+        if self._backlog is not None and not self._backlog.settled():
             self._hub.wait_for_log(self)  # pumped again when the log moves on
             return
         self.live = True
-        self.caught_up_to = history.last
+        self.caught_up_to = self._hub.history.last
 
     def _drop(self, why: str) -> None:
         if not self._closed:
