@@ -35,6 +35,23 @@ def redis_server() -> Iterator[RedisServer]:
 
 
 @pytest.fixture
+def own_redis(redis_server: RedisServer) -> Iterator[Any]:
+    """Factory: C{own_redis(persistent=False, start=True)}, a redis-server of the test's own (to stop, restart, lose)."""
+    servers: list[RedisServer] = []
+
+    def make(persistent: bool = False, start: bool = True) -> RedisServer:
+        server = RedisServer(persistent=persistent)
+        servers.append(server)
+        if start:
+            server.start()
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+@pytest.fixture
 def redis_sync(redis_server: RedisServer) -> Iterator[Any]:
     """A blocking redis-py client of the session's Redis."""
     client = redis_server.client()

@@ -200,50 +200,46 @@ def _parse(item: str) -> tuple[int, int]:
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 @pytest_twisted.ensureDeferred
-async def test_redis_restart_under_load_keeps_confirmed_items(twistd_service, queue, stop_signal):
+async def test_redis_restart_under_load_keeps_confirmed_items(twistd_service, queue, stop_signal, own_redis):
     """Redis (AOF, fsync always) stopped and restarted mid-stream: every confirmed push reaches every client once, in order."""
-    server = RedisServer(persistent=True)
-    server.start()
-    try:
-        nodes = start_nodes(twistd_service, 2, queue=queue, redis=server)
-        clients = [await connect(node.port) for node in nodes for _ in range(2)]
-        producer = RetryingProducer(server, queue)
-        producing = threads.deferToThread(producer.run, time.monotonic() + 60)
+    server = own_redis(persistent=True)
+    nodes = start_nodes(twistd_service, 2, queue=queue, redis=server)
+    clients = [await connect(node.port) for node in nodes for _ in range(2)]
+    producer = RetryingProducer(server, queue)
+    producing = threads.deferToThread(producer.run, time.monotonic() + 60)
 
-        async def wait_confirmed(n: int) -> None:
-            def confirmed() -> bool:
-                assert not producing.called, "producer ended early"
-                return len(producer.confirmed) >= n
+    async def wait_confirmed(n: int) -> None:
+        def confirmed() -> bool:
+            assert not producing.called, "producer ended early"
+            return len(producer.confirmed) >= n
 
-            await until(confirmed, 30, f"{n} pushes confirmed")
+        await until(confirmed, 30, f"{n} pushes confirmed")
 
-        await wait_confirmed(300)
-        await threads.deferToThread(server.stop, stop_signal)
-        await sleep(1.0)  # time on purpose: Redis stays down a while, and the producer's pushes fail
-        await threads.deferToThread(server.start)
-        before = len(producer.confirmed)
-        await wait_confirmed(before + 300)
-        producer.stop.set()
-        await timed(producing, 30)
-        assert producer.unconfirmed, "the outage must have hit the producer"
+    await wait_confirmed(300)
+    await threads.deferToThread(server.stop, stop_signal)
+    await sleep(1.0)  # time on purpose: Redis stays down a while, and the producer's pushes fail
+    await threads.deferToThread(server.start)
+    before = len(producer.confirmed)
+    await wait_confirmed(before + 300)
+    producer.stop.set()
+    await timed(producing, 30)
+    assert producer.unconfirmed, "the outage must have hit the producer"
 
-        last = producer.confirmed[-1]
-        for client in clients:
-            frames = await client.messages_until(lambda fs: bool(fs) and fs[-1]["content"] == last, DEADLINE)
-            got = [f["content"] for f in frames]
-            assert len(got) == len(set(got)), "no item twice"
-            assert [_parse(i) for i in got] == sorted(_parse(i) for i in got), "push order kept"
-            missing = set(producer.confirmed) - set(got)
-            assert not missing, f"{len(missing)} confirmed items lost, e.g. {sorted(missing, key=_parse)[:5]}"
-            assert set(got) <= set(producer.confirmed) | set(producer.unconfirmed)
-            offsets = [offset(f) for f in frames]
-            assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
-            assert not client.closed.called, "clients stay connected through a Redis outage"
-        await nothing_more(clients, pusher(server, queue))
-        for client in clients:
-            await client.close()
-    finally:
-        await threads.deferToThread(server.close)
+    last = producer.confirmed[-1]
+    for client in clients:
+        frames = await client.messages_until(lambda fs: bool(fs) and fs[-1]["content"] == last, DEADLINE)
+        got = [f["content"] for f in frames]
+        assert len(got) == len(set(got)), "no item twice"
+        assert [_parse(i) for i in got] == sorted(_parse(i) for i in got), "push order kept"
+        missing = set(producer.confirmed) - set(got)
+        assert not missing, f"{len(missing)} confirmed items lost, e.g. {sorted(missing, key=_parse)[:5]}"
+        assert set(got) <= set(producer.confirmed) | set(producer.unconfirmed)
+        offsets = [offset(f) for f in frames]
+        assert offsets == sorted(offsets) and len(set(offsets)) == len(offsets)
+        assert not client.closed.called, "clients stay connected through a Redis outage"
+    await nothing_more(clients, pusher(server, queue))
+    for client in clients:
+        await client.close()
 
 
 # -- 4. recovery with since ---------------------------------------------------------

@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.clients import connect
-from support.processes import RedisServer
 from support.proxy import SilentProxy
 from support.raw import non_reader
 from support.waiting import sleep, timed, until
@@ -216,51 +215,43 @@ async def test_a_half_open_redis_connection_is_noticed(twistd_service, redis_ser
 
 @pytest.mark.slow  # real twistd processes
 @pytest_twisted.ensureDeferred
-async def test_redis_restored_from_an_older_snapshot_is_told(twistd_service, queue):
+async def test_redis_restored_from_an_older_snapshot_is_told(twistd_service, queue, own_redis):
     """Redis restarted from an older snapshot: the node says "reset" to its clients instead of silently repeating."""
-    own = RedisServer()
-    own.start()
-    try:
-        node = twistd_service("--redis-timeout", "1", redis=own, queue=queue)
-        r = own.client()
-        client = await connect(node.port)
-        r.lpush(queue, *[f"s{i}" for i in range(10)])
-        assert [m["content"] for m in await client.messages(10)] == [f"s{i}" for i in range(10)]
-        r.save()  # the snapshot: 10 entries
-        r.lpush(queue, *[f"u{i}" for i in range(10)])
-        assert [m["content"] for m in await client.messages(10)] == [f"u{i}" for i in range(10)]
-        r.close()
-        await threads.deferToThread(own.stop, signal.SIGKILL)
-        await threads.deferToThread(own.start)  # loads dump.rdb: the log is back at 10 entries
-        r = own.client()
-        r.lpush(queue, *[f"v{i}" for i in range(5)])
-        gap = await client.next(20)
-        assert gap["type"] == "gap" and gap["reason"] == "reset", gap
-        assert [m["content"] for m in await client.messages(5, 20)] == [f"v{i}" for i in range(5)]
-        assert "the log went back in time" in node.log()
-        r.close()
-        await client.close()
-    finally:
-        await threads.deferToThread(own.close)
+    own = own_redis()
+    node = twistd_service("--redis-timeout", "1", redis=own, queue=queue)
+    r = own.client()
+    client = await connect(node.port)
+    r.lpush(queue, *[f"s{i}" for i in range(10)])
+    assert [m["content"] for m in await client.messages(10)] == [f"s{i}" for i in range(10)]
+    r.save()  # the snapshot: 10 entries
+    r.lpush(queue, *[f"u{i}" for i in range(10)])
+    assert [m["content"] for m in await client.messages(10)] == [f"u{i}" for i in range(10)]
+    r.close()
+    await threads.deferToThread(own.stop, signal.SIGKILL)
+    await threads.deferToThread(own.start)  # loads dump.rdb: the log is back at 10 entries
+    r = own.client()
+    r.lpush(queue, *[f"v{i}" for i in range(5)])
+    gap = await client.next(20)
+    assert gap["type"] == "gap" and gap["reason"] == "reset", gap
+    assert [m["content"] for m in await client.messages(5, 20)] == [f"v{i}" for i in range(5)]
+    assert "the log went back in time" in node.log()
+    r.close()
+    await client.close()
 
 
 @pytest.mark.slow  # real twistd processes
 @pytest_twisted.ensureDeferred
-async def test_healthz_answers_within_a_second_while_redis_is_down(twistd_service, queue):
+async def test_healthz_answers_within_a_second_while_redis_is_down(twistd_service, queue, own_redis):
     """With Redis stopped, /healthz says 503 at once, every time; with Redis back, 200."""
-    own = RedisServer()
-    own.start()
-    try:
-        node = twistd_service("--redis-timeout", "5", redis=own, queue=queue)
-        await threads.deferToThread(own.stop)
-        await until(lambda: "lost Redis" in node.log(), 20, "lost Redis logged")
-        for _ in range(5):
-            status, took = await threads.deferToThread(health, node.url)
-            assert status == 503 and took < 1.0, (status, took)
-        await threads.deferToThread(own.start)
-        await until(lambda: health(node.url)[0] == 200, 20, "healthy again")
-    finally:
-        await threads.deferToThread(own.close)
+    own = own_redis()
+    node = twistd_service("--redis-timeout", "5", redis=own, queue=queue)
+    await threads.deferToThread(own.stop)
+    await until(lambda: "lost Redis" in node.log(), 20, "lost Redis logged")
+    for _ in range(5):
+        status, took = await threads.deferToThread(health, node.url)
+        assert status == 503 and took < 1.0, (status, took)
+    await threads.deferToThread(own.start)
+    await until(lambda: health(node.url)[0] == 200, 20, "healthy again")
 
 
 # -- memory at the edges ------------------------------------------------------------------------

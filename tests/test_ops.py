@@ -465,51 +465,47 @@ async def test_sigterm_graceful_shutdown(twistd_service, redis_sync):
 
 @pytest.mark.slow  # a real twistd process
 @pytest_twisted.ensureDeferred
-async def test_redis_outage_and_recovery(twistd_service):
+async def test_redis_outage_and_recovery(twistd_service, own_redis):
     """Redis stopped: clients stay, publishes get `unavailable` in time, /healthz 503; restarted: all resumes."""
-    own = RedisServer(persistent=True)
-    own.start()
+    own = own_redis(persistent=True)
+    node = twistd_service("--redis-timeout", "1", redis=own)
+    queue = node.queue
+    client = await connect(node.port)
+    assert (await client.request({"type": "message", "content": "before", "id": 0})) == {"type": "ack", "id": 0}
+    assert (await client.next_of("message"))["content"] == "before"
+
+    own.stop()
+    # in time: --redis-timeout 1, and a bound generous enough for a loaded machine
+    reply = await client.request({"type": "message", "content": "x", "id": 1}, timeout=1 + 5)
+    assert reply["type"] == "error" and reply["id"] == 1 and reply["code"] == "unavailable", reply
+    assert http_status(node.url + "/healthz") == 503
+    await until(lambda: "lost Redis" in node.log(), 15, "'lost Redis' logged")
+    # /metrics still answers, and says Redis is down
+    assert scrape(node.url).plain["pushservice_redis_up"] == 0
+    assert not client.closed.called and client.state == client.STATE_OPEN
+
+    own.start()  # same port, same dir: the data is back
+    r = own.client()
     try:
-        node = twistd_service("--redis-timeout", "1", redis=own)
-        queue = node.queue
-        client = await connect(node.port)
-        assert (await client.request({"type": "message", "content": "before", "id": 0})) == {"type": "ack", "id": 0}
-        assert (await client.next_of("message"))["content"] == "before"
-
-        own.stop()
-        # in time: --redis-timeout 1, and a bound generous enough for a loaded machine
-        reply = await client.request({"type": "message", "content": "x", "id": 1}, timeout=1 + 5)
-        assert reply["type"] == "error" and reply["id"] == 1 and reply["code"] == "unavailable", reply
-        assert http_status(node.url + "/healthz") == 503
-        await until(lambda: "lost Redis" in node.log(), 15, "'lost Redis' logged")
-        # /metrics still answers, and says Redis is down
-        assert scrape(node.url).plain["pushservice_redis_up"] == 0
-        assert not client.closed.called and client.state == client.STATE_OPEN
-
-        own.start()  # same port, same dir: the data is back
-        r = own.client()
-        try:
-            r.lpush(queue, "pushed-while-node-was-away")
-            await until(lambda: http_status(node.url + "/healthz") == 200, 15, "healthy after Redis restart")
-            client.send({"type": "message", "content": "y", "id": 2})
-            frames: list[dict[str, Any]] = []
-            while {"type": "ack", "id": 2} not in frames or not any(f.get("content") == "y" for f in frames):
-                assert len(frames) < 10, frames
-                frames.append(await client.next(timeout=15))
-            messages = [f["content"] for f in frames if f["type"] == "message"]
-            assert messages == ["pushed-while-node-was-away", "y"], frames
-            assert r.llen(queue) == 0
-            assert r.xlen(f"{queue}:log") == 3, "the log kept what was in Redis before the outage"
-        finally:
-            r.close()
-        assert not client.closed.called, "the client was disconnected by the outage"
-        log = node.log()
-        lost = log.index("lost Redis")
-        assert "connected to Redis" in log[lost:], log
-        assert_clean_log(log)
-        await client.close()
+        r.lpush(queue, "pushed-while-node-was-away")
+        await until(lambda: http_status(node.url + "/healthz") == 200, 15, "healthy after Redis restart")
+        client.send({"type": "message", "content": "y", "id": 2})
+        frames: list[dict[str, Any]] = []
+        while {"type": "ack", "id": 2} not in frames or not any(f.get("content") == "y" for f in frames):
+            assert len(frames) < 10, frames
+            frames.append(await client.next(timeout=15))
+        messages = [f["content"] for f in frames if f["type"] == "message"]
+        assert messages == ["pushed-while-node-was-away", "y"], frames
+        assert r.llen(queue) == 0
+        assert r.xlen(f"{queue}:log") == 3, "the log kept what was in Redis before the outage"
     finally:
-        own.close()
+        r.close()
+    assert not client.closed.called, "the client was disconnected by the outage"
+    log = node.log()
+    lost = log.index("lost Redis")
+    assert "connected to Redis" in log[lost:], log
+    assert_clean_log(log)
+    await client.close()
 
 
 # -- /metrics ------------------------------------------------------------------------------------------------
@@ -546,53 +542,46 @@ async def test_metrics_reflect_traffic(twistd_service, redis_sync):
 
 @pytest.mark.slow  # a real twistd process
 @pytest_twisted.ensureDeferred
-async def test_starts_while_redis_is_down(twistd_service):
+async def test_starts_while_redis_is_down(twistd_service, own_redis):
     """A node started before its Redis serves /healthz 503 (no crash), then 200 and deliveries once Redis is up."""
-    own = RedisServer()  # not started yet
+    own = own_redis(start=False)  # not started yet
+    node = twistd_service("--redis-timeout", "1", redis=own, wait=False)
+    await until(lambda: http_status(node.url + "/healthz") == 503, START_TIMEOUT, "/healthz 503 without Redis")
+    client = await connect(node.port)
+    own.start()
+    await until(lambda: http_status(node.url + "/healthz") == 200, 15, "healthy once Redis is up")
+    r = own.client()
     try:
-        node = twistd_service("--redis-timeout", "1", redis=own, wait=False)
-        await until(lambda: http_status(node.url + "/healthz") == 503, START_TIMEOUT, "/healthz 503 without Redis")
-        client = await connect(node.port)
-        own.start()
-        await until(lambda: http_status(node.url + "/healthz") == 200, 15, "healthy once Redis is up")
-        r = own.client()
-        try:
-            r.lpush(node.queue, "late")
-        finally:
-            r.close()
-        try:
-            frame = await client.next_of("message", timeout=15)
-        except Exception as e:
-            raise AssertionError(f"no delivery after Redis came up ({e!r}):\n{node.log()}") from None
-        assert frame["content"] == "late"
-        await client.close()
-        assert node.stop() in CLEAN_EXIT
-        assert_clean_log(node.log())
+        r.lpush(node.queue, "late")
     finally:
-        own.close()
+        r.close()
+    try:
+        frame = await client.next_of("message", timeout=15)
+    except Exception as e:
+        raise AssertionError(f"no delivery after Redis came up ({e!r}):\n{node.log()}") from None
+    assert frame["content"] == "late"
+    await client.close()
+    assert node.stop() in CLEAN_EXIT
+    assert_clean_log(node.log())
 
 
 @pytest.mark.slow  # a real twistd process
 @pytest_twisted.ensureDeferred
-async def test_sigterm_during_redis_outage(twistd_service):
+async def test_sigterm_during_redis_outage(twistd_service, own_redis):
     """SIGTERM while Redis is down (clients still connected) closes them with 1001 and exits within --shutdown-timeout."""
-    own = RedisServer()
-    own.start()
-    try:
-        node = twistd_service("--redis-timeout", "1", "--shutdown-timeout", "3", redis=own)
-        await until(lambda: "connected to Redis" in node.log(), 15, "the Redis loops running")
-        client = await connect(node.port)
-        own.stop()
-        await until(lambda: "lost Redis" in node.log(), 15, "'lost Redis' logged")
-        assert not client.closed.called, "clients stay connected while Redis is down"
-        node.send_signal(signal.SIGTERM)
-        code, _ = await timed(client.closed, 10)
-        assert code == 1001
-        # within --shutdown-timeout 3: the bound leaves a loaded machine room to start and finish the exit
-        assert await node.exited(3 + 7) in CLEAN_EXIT, node.log()
-        assert_clean_log(node.log())
-    finally:
-        own.close()
+    own = own_redis()
+    node = twistd_service("--redis-timeout", "1", "--shutdown-timeout", "3", redis=own)
+    await until(lambda: "connected to Redis" in node.log(), 15, "the Redis loops running")
+    client = await connect(node.port)
+    own.stop()
+    await until(lambda: "lost Redis" in node.log(), 15, "'lost Redis' logged")
+    assert not client.closed.called, "clients stay connected while Redis is down"
+    node.send_signal(signal.SIGTERM)
+    code, _ = await timed(client.closed, 10)
+    assert code == 1001
+    # within --shutdown-timeout 3: the bound leaves a loaded machine room to start and finish the exit
+    assert await node.exited(3 + 7) in CLEAN_EXIT, node.log()
+    assert_clean_log(node.log())
 
 
 @pytest_twisted.ensureDeferred
