@@ -79,7 +79,7 @@ class PushProtocol(WebSocketServerProtocol):
     client_address: str | None = None
     _bucket: TokenBucket | None = None
     _grant: Grant | None = None
-    _query_seen: Query = Query()
+    _query_seen: Query = _NO_QUERY
 
     # -- handshake ---------------------------------------------------------
 
