@@ -793,6 +793,8 @@ class LoadGen:
                                if scpu0 is not None and scpu1 is not None else None),
             "measure_wall_s": wall1 - wall0,
         })
+        if res["server_cpu_s"] is not None and deliveries:
+            res["server_cpu_us_per_op"] = 1e6 * res["server_cpu_s"] / deliveries
         res["ok"] = (missing == 0 and dup == 0 and ooo == 0 and bad == 0
                      and res["connected"] == a.clients and closed == 0)
         return res
@@ -846,6 +848,8 @@ class LoadGen:
             "server_cpu_pct": (100.0 * (scpu1 - scpu0) / max(1e-9, elapsed)
                                if scpu0 is not None and scpu1 is not None else None),
         })
+        if scpu0 is not None and scpu1 is not None and n:
+            res["server_cpu_us_per_op"] = 1e6 * (scpu1 - scpu0) / n
         res["warmup_missing"] = await self.warmup()
         res["ok"] = n == a.clients and res["warmup_missing"] == 0
         return res

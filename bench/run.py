@@ -49,6 +49,15 @@ SCENARIOS = {
     "latency-1k-light": dict(mode="deliver", clients=1000, messages=500, rate=50,
                              metric="p99_ms", unit="ms p99", higher=False, target=15,
                              quick=dict(clients=50, messages=50, rate=25)),
+    "latency-10k": dict(mode="deliver", clients=10000, messages=2000, rate=200,
+                        metric="p99_ms", unit="ms p99", higher=False, target=100,
+                        quick=dict(clients=200, messages=100, rate=50)),
+    "latency-10k-light": dict(mode="deliver", clients=10000, messages=500, rate=50,
+                              metric="p99_ms", unit="ms p99", higher=False, target=50,
+                              quick=dict(clients=200, messages=50, rate=25)),
+    "pipeline-10": dict(mode="deliver", clients=10, messages=400, rate=20,
+                        metric="p50_ms", unit="ms p50", higher=False, target=2,
+                        quick=dict(messages=40)),
     "idle-10k": dict(mode="idle", clients=10000,
                      metric="kb_per_conn", unit="KB/conn", higher=False, target=8,
                      quick=dict(clients=500)),
@@ -132,8 +141,8 @@ def server_cmd(name, port, rport, queue, a):
 
 def metric_of(sc, res):
     m = sc["metric"]
-    if m == "p99_ms":
-        return (res.get("latency_ms") or {}).get("p99")
+    if m in ("p99_ms", "p50_ms"):
+        return (res.get("latency_ms") or {}).get(m[:3])
     return res.get(m)
 
 
@@ -224,8 +233,8 @@ def report(scen, sc, results, servers):
                         if k in sc),
         "higher is better" if sc["higher"] else "lower is better",
         ">=" if sc["higher"] else "<=", fmt(sc["target"], unit), unit))
-    hdr = "%-12s %14s %25s %9s %9s %9s  %s" % ("server", "median", "min - max", "lg cpu%",
-                                                "srv cpu%", "p99 ms", "verdict (per round)")
+    hdr = "%-12s %14s %25s %9s %9s %9s %9s  %s" % ("server", "median", "min - max", "lg cpu%",
+                                                     "srv cpu%", "srv us/op", "p99 ms", "verdict (per round)")
     print(hdr)
     print("-" * len(hdr))
     med = {}
@@ -239,10 +248,12 @@ def report(scen, sc, results, servers):
         sv = [r.get("server_cpu_pct") for r in rs if r.get("server_cpu_pct") is not None]
         p99 = [(r.get("latency_ms") or {}).get("p99") for r in rs]
         p99 = [x for x in p99 if x is not None]
-        print("%-12s %14s %25s %9s %9s %9s  %s" % (
+        op = [r.get("server_cpu_us_per_op") for r in rs if r.get("server_cpu_us_per_op") is not None]
+        print("%-12s %14s %25s %9s %9s %9s %9s  %s" % (
             s, fmt(m, unit), rng,
             "%.0f" % statistics.median(lg) if lg else "-",
             "%.0f" % statistics.median(sv) if sv else "-",
+            "%.1f" % statistics.median(op) if op else "-",
             "%.1f" % statistics.median(p99) if p99 else "-",
             "; ".join(verdict(r) for r in rs)))
     if med.get(BASELINE) and med.get("pushservice") is not None:
