@@ -10,7 +10,8 @@ import random
 
 from twisted.internet.task import Clock
 
-from pushservice.fanout import SLICE
+from pushservice import fanout
+from pushservice.fanout import CHECK_EVERY, SLICE
 from pushservice.history import History
 from pushservice.hub import Hub
 from pushservice.logentry import Message, gap_message
@@ -147,8 +148,9 @@ def test_unsubscribe_and_remove_clean_the_index():
     assert a.received == b"" and b.received == b""
 
 
-def test_large_fan_out_is_written_a_slice_per_reactor_turn():
+def test_large_fan_out_is_written_a_slice_per_reactor_turn(monkeypatch):
     """More than SLICE peers are written over several reactor turns; the Deferred fires when all are."""
+    monkeypatch.setattr(fanout, "perf_counter", lambda: 0.0)  # however quick the sends
     hub, clock = make_hub()
     peers = [connect(hub, clock) for _ in range(SLICE * 2 + 1)]
     done = hub.deliver([msg(1)])
@@ -293,6 +295,27 @@ def test_memory_per_connection_is_bounded_by_the_limit():
         slow.read(LIMIT)
         run(clock)
     assert numbers(slow) == list(range(0, 200)) and slow.peak <= LIMIT + 2
+
+
+def test_slow_sends_end_a_reactor_turn_early(monkeypatch):
+    """When sends take longer than SLICE_SECONDS, a turn ends after CHECK_EVERY peers; later turns write the rest."""
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(fanout, "perf_counter", lambda: next(ticks) * fanout.SLICE_SECONDS)
+    hub, clock = make_hub()
+    peers = [connect(hub, clock) for _ in range(CHECK_EVERY * 3)]
+    done = hub.deliver([msg(1)])
+    assert done is not None and sum(1 for p in peers if p.received) == CHECK_EVERY
+    run(clock)
+    assert done.called and all(p.received == b"<1>" for p in peers)
+
+
+def test_quick_sends_write_a_whole_slice_in_one_turn(monkeypatch):
+    """Up to SLICE peers whose sends are quick are all written at once: no reactor turn in between."""
+    monkeypatch.setattr(fanout, "perf_counter", lambda: 0.0)
+    hub, clock = make_hub()
+    peers = [connect(hub, clock) for _ in range(CHECK_EVERY * 3)]
+    assert hub.deliver([msg(1)]) is None
+    assert all(p.received == b"<1>" for p in peers)
 
 
 # -- joining mid-stream ------------------------------------------------------------------
