@@ -141,6 +141,16 @@ class PushProtocol(WebSocketServerProtocol):
             return len(data)  # closing: nothing more goes out
         return _internals.send_now(self.transport, data)
 
+    def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
+        # Autobahn's own writes (handshake response, replies, pings, close) go straight to
+        # the socket when nothing waits before them, like the fan-out's: no write registration
+        if not sync and not chopsize and not self.send_queue:
+            sent = _internals.send_now(self.transport, data)
+            if sent == len(data):
+                return
+            data = data[sent:]
+        super().sendData(data, sync, chopsize)
+
     def queued(self) -> int:
         return _internals.transport_queued(self.transport)
 
@@ -221,7 +231,9 @@ class PushFactory(WebSocketServerFactory):
             maxMessagePayloadSize=config.max_frame_size,
             autoPingInterval=config.ping_interval,
             autoPingTimeout=config.ping_timeout,
-            openHandshakeTimeout=config.handshake_timeout,
+            # 0: the port's router hands a connection over with its whole request head, and
+            # Autobahn answers it at once; the router's --handshake-timeout covers the head
+            openHandshakeTimeout=0,
             closeHandshakeTimeout=1,
             maxConnections=config.max_connections,
             trustXForwardedFor=config.trusted_proxies,
