@@ -67,13 +67,17 @@ def _endpoint(reactor: Any, address: RedisAddress, host: str, port: int, timeout
     return endpoint
 
 
-def _keepalive(transport: Any) -> None:
-    """Turn on TCP keepalive with probes in seconds, not the kernel's default two hours."""
+def _tune(transport: Any) -> None:
+    """
+    TCP keepalive with probes in seconds, not the kernel's default two hours;
+    no Nagle delay: a command goes out at once even while the last is unacknowledged.
+    """
     while isinstance(transport, ProtocolWrapper):  # TLS: the TCP transport is underneath
         transport = transport.transport
     sock = transport.getHandle() if hasattr(transport, "getHandle") else None
     if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for name, value in (
         ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
@@ -255,7 +259,7 @@ class RedisLink:
         if self._stopped:
             proto.transport.loseConnection()
             return
-        _keepalive(proto.transport)
+        _tune(proto.transport)
         self._protocol = proto
         self._delay = FIRST_RETRY
         proto.whenDisconnected().addCallback(self._lost)
