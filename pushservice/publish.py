@@ -118,6 +118,14 @@ class Publish(resource.Resource):
         self._node.bus.publish(*(item for item, _ in items)).addCallbacks(stored, unavailable)
         return server.NOT_DONE_YET
 
+    def render_GET(self, request: Any) -> bytes:
+        request.setHeader(b"content-type", b"application/json")
+        request.setHeader(b"allow", b"POST")
+        body = {"error": "method_not_allowed", "message": "POST envelopes here (see README: Publishing over HTTP)"}
+        return self._answer(request, 405, body)
+
+    render_HEAD = render_GET
+
     def _grant(self, request: Any) -> Grant:
         header = request.getHeader(b"authorization")
         if header is None:
