@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+import subprocess
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ import pytest_twisted
 from support.clients import connect, token
 from support.raw import closed_by_peer, raw
 from support.sse import EventClient, events_request, open_events
-from support.waiting import new_marker, sleep, timed, until
+from support.waiting import new_marker, sleep, timed, until, until_sync
 from support.web import scrape
 from twisted.internet import protocol, threads
 
@@ -346,3 +347,49 @@ async def test_curl_n_streams_events_as_they_come(node, queue, redis_sync):
         if not out.ended:
             out.transport.signalProcess("TERM")
         await timed(until(lambda: out.ended, what="curl ends"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_resumes_across_a_restart_with_last_event_id(twistd_service, redis_sync, tmp_path):
+    """curl -N on a real twistd: after a restart, -H 'Last-Event-ID: <last id>' gets what was missed, once, in order."""
+    proc = twistd_service()
+    url = f"{proc.url}/events?channels=news"
+
+    def curl(out: Any, *headers: str) -> subprocess.Popen[bytes]:
+        extra = [arg for h in headers for arg in ("-H", h)]
+        return subprocess.Popen(["curl", "-sN", "--max-time", "60", *extra, url], stdout=out)
+
+    def messages(path: Any) -> list[tuple[str, Any]]:
+        found = []
+        for block in path.read_bytes().split(b"\n\n"):
+            fields = dict(line.split(b": ", 1) for line in block.split(b"\n") if b": " in line)
+            if b"id" in fields and b'"type":"message"' in fields.get(b"data", b""):
+                found.append((fields[b"id"].decode(), json.loads(fields[b"data"])["content"]))
+        return found
+
+    first_out = tmp_path / "first.txt"
+    with open(first_out, "wb") as out:
+        first = curl(out)
+    until_sync(lambda: b"event: joined" in first_out.read_bytes(), what="the first stream joined")
+    for i in range(3):
+        push(redis_sync, proc.queue, i, "news")
+    until_sync(lambda: len(messages(first_out)) == 3, what="3 messages")
+    proc.stop()
+    assert first.wait(10) == 0, "curl ends cleanly when the stream ends (a close event, then EOF)"
+    assert b"event: close" in first_out.read_bytes()
+    for i in range(3, 6):
+        push(redis_sync, proc.queue, i, "news")
+    proc.start()
+    last_id = messages(first_out)[-1][0]
+    second_out = tmp_path / "second.txt"
+    with open(second_out, "wb") as out:
+        second = curl(out, f"Last-Event-ID: {last_id}")
+    try:
+        marker = new_marker()
+        redis_sync.lpush(proc.queue, marker)
+        until_sync(lambda: marker in [c for _, c in messages(second_out)], what="the marker")
+        assert [c for _, c in messages(first_out) + messages(second_out)] == [0, 1, 2, 3, 4, 5, marker]
+    finally:
+        second.terminate()
+        second.wait(10)
