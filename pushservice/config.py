@@ -94,7 +94,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("http-timeout", "10", seconds, "Seconds a plain HTTP connection may live (one request each)."),
     Option("sse-keepalive", "15", seconds, "Seconds between keep-alive comments on a GET /events stream."),
     Option("sse-retry", "2", seconds, "Seconds a browser waits to reconnect an event stream (each stream 1-2x this)."),
-    Option("max-publish-body", "1m", size, "Largest POST /publish body; bigger ones get HTTP 413 unread."),
+    Option("max-publish-body", "256k", size, "Largest POST /publish body; bigger ones get HTTP 413 unread."),
     Option(
         "redis-timeout", "5", seconds, "Seconds Redis has to answer before a request fails or a connection is dropped."
     ),

@@ -142,6 +142,9 @@ class Router(protocol.Protocol):
         if not port.publishing:
             why = "POST /publish is off: this node has no --token-secret-file to check publishers' tokens"
             return self._refuse(404, why, head)
+        if b"authorization" not in head.fields:
+            why = "send a token: Authorization: Bearer <jwt> with a publish grant"
+            return self._refuse(401, why, head, (("WWW-Authenticate", 'Bearer realm="pushservice"'),))
         if b"transfer-encoding" in head.fields:
             return self._refuse(411, "send the body with a Content-Length (chunked bodies are not read)", head)
         if head.content_length > port.max_publish_body:

@@ -259,6 +259,29 @@ async def test_a_stream_outlives_http_timeout_but_an_unfinished_head_does_not(ma
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_expired_token_ends_the_stream_with_4003(make_node, queue, secret_file):
+    """When the stream's token expires, a close event says 4003 and the connection ends, as on the WebSocket."""
+    node = await make_node(queue, token_secret_file=secret_file)
+    stream = await open_events(node.port, f"token={token('alice', ttl=1)}")
+    await until(lambda: stream.lost, 10, "the stream ends at expiry")
+    assert [e.json()["code"] for e in stream.of_type("close")] == [4003]
+    assert node.stats.connections == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_holds_its_address_slot_until_it_closes(make_node, queue):
+    """Streams count against --max-connections-per-address while open (429 past it) and give the slot back."""
+    node = await make_node(queue, max_connections_per_address=2, address_limits_exempt=())
+    first, second = await open_events(node.port), await open_events(node.port)
+    assert (first.status, second.status) == (200, 200)
+    third = await open_events(node.port)
+    assert third.status == 429
+    first.abort()
+    await until(lambda: node.stats.sse_connections == 1, what="the first stream gone")
+    assert (await open_events(node.port)).status == 200
+
+
+@pytest_twisted.ensureDeferred
 async def test_shutdown_ends_streams_with_a_close_event(make_node, queue):
     """SIGTERM's graceful stop: each stream gets a close event with 1001, then the connection ends."""
     node = await make_node(queue)
