@@ -32,10 +32,12 @@ KEEPALIVE = b":\n\n"
 
 _TYPED = b'{"type":"'
 # message frames (wire.message_payload) and the joined notice end with the offset
-_WITH_ID = (b'{"type":"message",', b'{"type":"joined",')
+_MESSAGE = b'{"type":"message",'
+_WITH_ID = (_MESSAGE, b'{"type":"joined",')
 _OFFSET_KEY = b',"offset":"'
 _OFFSET = re.compile(rb"[0-9]{1,20}-[0-9]{1,20}")
 _NEWLINES = re.compile(rb"\r\n|\r|\n")
+_BREAK = re.compile(rb"[\r\n]")
 
 
 def stream_start(retry_ms: int) -> bytes:
@@ -45,17 +47,23 @@ def stream_start(retry_ms: int) -> bytes:
 
 def event(payload: bytes) -> bytes:
     """One frame's JSON as one event (see the module docstring)."""
+    broken = _BREAK.search(payload) is not None
+    if not broken and payload.startswith(_MESSAGE):
+        # the usual case, once per message and stream: the offset ends the frame, and holds no line break
+        at = payload.rfind(_OFFSET_KEY)
+        if at > 0:
+            return b"".join((b"id: ", payload[at + len(_OFFSET_KEY) : -2], b"\ndata: ", payload, b"\n\n"))
     lines = [b""]
     if payload.startswith(_WITH_ID):
         at = payload.rfind(_OFFSET_KEY)
         offset = payload[at + len(_OFFSET_KEY) : -2]
         if at > 0 and _OFFSET.fullmatch(offset):
             lines[0] = b"id: " + offset + b"\n"
-    if payload.startswith(_TYPED) and not payload.startswith(_WITH_ID[0]):
+    if payload.startswith(_TYPED) and not payload.startswith(_MESSAGE):
         end = payload.find(b'"', len(_TYPED))
         if end > 0:
             lines.append(b"event: " + payload[len(_TYPED) : end] + b"\n")
-    if b"\n" in payload or b"\r" in payload:
+    if broken:
         # JSON whitespace may hold line breaks (never inside a string): one data line each, joined by the browser
         lines.extend(b"data: " + part + b"\n" for part in _NEWLINES.split(payload))
     else:
