@@ -103,7 +103,8 @@ class EventStream(protocol.Protocol):
         self._streams.opened(self)
         bucket = TokenBucket(node.clock, node.config.client_rate, node.config.client_burst)  # no frames to take it
         peer = self.transport.getPeer()
-        self.session = StreamSession(node, self, self._query, self._grant, f"sse:{peer.host}:{peer.port}", bucket)
+        name = f"sse:{peer.host}:{peer.port}" if hasattr(peer, "port") else f"sse:{peer}"  # tcp, or a unix socket
+        self.session = StreamSession(node, self, self._query, self._grant, name, bucket)
         self.session.open()
 
     def dataReceived(self, data: bytes) -> None:

@@ -416,3 +416,18 @@ def test_curl_resumes_across_a_restart_with_last_event_id(twistd_service, redis_
     finally:
         second.terminate()
         second.wait(10)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_over_a_unix_socket(make_node, queue, redis_sync, tmp_path):
+    """--listen unix:...: a stream opens and gets messages there too (no TCP peer address)."""
+    from twisted.internet import reactor
+    from twisted.internet.endpoints import UNIXClientEndpoint, connectProtocol
+
+    path = str(tmp_path / "push.sock")
+    node = await make_node(queue, listen=(f"unix:{path}",))
+    stream = await timed(connectProtocol(UNIXClientEndpoint(reactor, path), EventClient()))
+    stream.transport.write(b"GET /events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await stream.wait(1, "joined")
+    assert await to_marker(stream, redis_sync, queue) == []
+    assert node.stats.sse_connections == 1
