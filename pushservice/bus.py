@@ -174,9 +174,9 @@ class Bus:
 
         return d.addErrback(unavailable)
 
-    def publish(self, item: bytes) -> defer.Deferred[Any]:
-        """LPUSH C{item} onto the queue; fails with L{Unavailable} if Redis does not confirm."""
-        return self.request("LPUSH", self._config.queue, item)
+    def publish(self, *items: bytes) -> defer.Deferred[Any]:
+        """LPUSH C{items} (in this order, in one command) onto the queue; fails with L{Unavailable} if Redis does not confirm."""
+        return self.request("LPUSH", self._config.queue, *items)
 
     def ping(self) -> defer.Deferred[bool]:
         """True if Redis answers a PING within a second (what /healthz can afford)."""

@@ -92,6 +92,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("address-handshake-rate", "20", rate, "Handshakes per second one client address may sustain..."),
     Option("address-handshake-burst", "100", positive_int, "...with this burst; beyond: HTTP 429."),
     Option("http-timeout", "10", seconds, "Seconds a plain HTTP connection may live (one request each)."),
+    Option("sse-keepalive", "15", seconds, "Seconds between keep-alive comments on a GET /events stream."),
+    Option("sse-retry", "2", seconds, "Seconds a browser waits to reconnect an event stream (each stream 1-2x this)."),
+    Option("max-publish-body", "256k", size, "Largest POST /publish body; bigger ones get HTTP 413 unread."),
     Option(
         "redis-timeout", "5", seconds, "Seconds Redis has to answer before a request fails or a connection is dropped."
     ),
@@ -197,6 +200,9 @@ class Config:
     address_handshake_rate: float = _default("address-handshake-rate")
     address_handshake_burst: int = _default("address-handshake-burst")
     http_timeout: float = _default("http-timeout")
+    sse_keepalive: float = _default("sse-keepalive")
+    sse_retry: float = _default("sse-retry")
+    max_publish_body: int = _default("max-publish-body")
     redis_timeout: float = _default("redis-timeout")
     history: int = _default("history")
     history_bytes: int = _default("history-bytes")

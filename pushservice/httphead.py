@@ -19,12 +19,23 @@ from __future__ import annotations
 import re
 from typing import NamedTuple
 
-__all__ = ["FIELDS", "MAX_FIELDS", "HeadError", "RequestHead", "parse_head"]
+__all__ = ["CASED", "FIELDS", "MAX_FIELDS", "HeadError", "RequestHead", "parse_head"]
 
 #: Header fields a head may carry (twisted.web itself answers a bare 400 past 500).
 MAX_FIELDS = 100
 #: The fields pushservice reads from a head; the others are checked, then left to Autobahn or twisted.web.
-FIELDS = (b"host", b"content-length", b"transfer-encoding", b"upgrade", b"x-forwarded-for")
+FIELDS = (
+    b"host",
+    b"content-length",
+    b"transfer-encoding",
+    b"upgrade",
+    b"x-forwarded-for",
+    b"origin",
+    b"last-event-id",
+    b"authorization",
+)
+#: Fields whose values keep their case (a token); the others are lower-cased.
+CASED = (b"authorization",)
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r\n")
@@ -47,8 +58,8 @@ class RequestHead(NamedTuple):
     """
     A parsed request head.
 
-    @ivar fields: the values of the L{FIELDS} present, lower-cased, by name; a
-        repeated field's values joined with C{", "}.
+    @ivar fields: the values of the L{FIELDS} present, lower-cased (but the
+        L{CASED} ones), by name; a repeated field's values joined with C{", "}.
     @ivar content_length: the declared body length (0 without Content-Length).
     """
 
@@ -94,8 +105,10 @@ def parse_head(data: bytes) -> RequestHead:
         raise HeadError(400, "a header line is not NAME: VALUE (no folding, CRLF only)")
     fields: dict[bytes, bytes] = {}
     hosts = 0
-    for name, value in _READ.findall(data[start - 2 :].lower()):
-        value = value.strip(b" \t")
+    lowered = data.lower()  # the same length: bytes.lower() only maps A-Z
+    for match in _READ.finditer(lowered, start - 2):
+        name = match.group(1)
+        value = (data if name in CASED else lowered)[match.start(2) : match.end(2)].strip(b" \t")
         hosts += name == b"host"
         seen = fields.get(name)
         fields[name] = value if seen is None else seen + b", " + value

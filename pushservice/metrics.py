@@ -21,8 +21,14 @@ class Stats:
     """Everything /metrics reports, updated by the hub, the bus and the connections."""
 
     def __init__(self) -> None:
+        #: Open connections of every transport (WebSocket and SSE)...
         self.connections = 0
         self.connections_total = 0
+        #: ...of which event streams (GET /events).
+        self.sse_connections = 0
+        self.sse_connections_total = 0
+        #: Items queued through POST /publish.
+        self.http_publishes = 0
         self.messages_in = 0
         self.messages_moved = 0
         self.skipped_entries = 0
@@ -57,10 +63,26 @@ class _StatsCollector(Collector):
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._stats
-        yield GaugeMetricFamily("pushservice_connections", "Open WebSocket connections", value=s.connections)
+        yield GaugeMetricFamily(
+            "pushservice_connections", "Open client connections (every transport)", value=s.connections
+        )
         yield CounterMetricFamily(
             "pushservice_connections_accepted", "WebSocket connections accepted", value=s.connections_total
         )
+        by_transport = GaugeMetricFamily(
+            "pushservice_transport_connections", "Open client connections, by transport", labels=["transport"]
+        )
+        by_transport.add_metric(["websocket"], s.connections - s.sse_connections)
+        by_transport.add_metric(["sse"], s.sse_connections)
+        yield by_transport
+        accepted = CounterMetricFamily(
+            "pushservice_transport_connections_accepted",
+            "Client connections accepted, by transport",
+            labels=["transport"],
+        )
+        accepted.add_metric(["websocket"], s.connections_total)
+        accepted.add_metric(["sse"], s.sse_connections_total)
+        yield accepted
         yield CounterMetricFamily("pushservice_messages_in", "Messages read from the log", value=s.messages_in)
         yield CounterMetricFamily(
             "pushservice_messages_moved", "Items this node moved from the list to the log", value=s.messages_moved
@@ -75,6 +97,9 @@ class _StatsCollector(Collector):
         yield CounterMetricFamily("pushservice_messages_out", "Messages delivered to connections", value=s.deliveries)
         yield CounterMetricFamily("pushservice_bytes_out", "Bytes of message frames written", value=s.bytes_out)
         yield CounterMetricFamily("pushservice_client_publishes", "Client messages queued", value=s.client_publishes)
+        yield CounterMetricFamily(
+            "pushservice_http_publishes", "Items queued through POST /publish", value=s.http_publishes
+        )
         yield CounterMetricFamily(
             "pushservice_dead_letters", "Items moved to the dead-letter list", value=s.dead_letters
         )

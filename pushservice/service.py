@@ -34,6 +34,7 @@ class Parts:
         self.hub: Any = None
         self.bus: Any = None
         self.factory: Any = None
+        self.streams: Any = None
         self.startup: defer.Deferred[None] | None = None
 
 
@@ -73,6 +74,7 @@ class PushService(Service):
         from .ingest import IngestRules
         from .limits import AddressLimits
         from .metrics import Stats
+        from .publish import Publish
         from .session import Node
         from .strictjson import JSONRules
         from .web import make_site
@@ -96,7 +98,10 @@ class PushService(Service):
         node = Node(reactor, config, hub, bus, stats, Policy(config.client_publish), rules, verify)
         addresses = AddressLimits(reactor, config)
         run.factory = factory = PushFactory(node, addresses)
-        self._listen(reactor, PortFactory(reactor, factory, make_site(bus, stats, config.demo), addresses, config))
+        site = make_site(bus, stats, config.demo, Publish(node) if verifier is not None else None)
+        port = PortFactory(reactor, factory, site, addresses, config)
+        run.streams = port.streams
+        self._listen(reactor, port)
 
     def startService(self) -> None:
         from twisted.internet import reactor
@@ -169,9 +174,9 @@ class PushService(Service):
         return done
 
     async def _stop(self, run: Parts) -> None:
-        """Stop accepting, close clients with 1001, stop the Redis loops, then Redis."""
+        """Stop accepting, close clients with 1001 (event streams with a close event), stop the Redis loops, then Redis."""
         await defer.DeferredList([defer.maybeDeferred(p.stopListening) for p in run.ports])
-        clients = run.factory.connections()
+        clients = [*run.factory.connections(), *run.streams.connections()]
         closed: list[defer.Deferred[None]] = [defer.Deferred() for _ in clients]
         for client, d in zip(clients, closed):
             client.is_closed.addBoth(lambda _, d=d: d.callback(None))

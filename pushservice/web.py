@@ -1,12 +1,14 @@
 """
 The twisted.web Site: what a plain HTTP GET or HEAD gets (the demo page at
-``/``, the browser client at ``/pushservice.js``, ``/healthz``, ``/metrics``).
+``/``, the browser client at ``/pushservice.js``, ``/healthz``, ``/metrics``),
+and ``POST /publish`` (L{pushservice.publish}).
 It never serves WebSocket, and sees only the requests pushservice.http let
 through, one per connection.
 """
 
 from __future__ import annotations
 
+import io
 from importlib import resources
 from typing import Any
 
@@ -115,6 +117,10 @@ class _Metrics(resource.Resource):
 class _Request(server.Request):
     """A request whose response names no library version: C{Server: pushservice}, like every answer of the node."""
 
+    def gotLength(self, length: int | None) -> None:
+        # in memory, never a temporary file (disk I/O on the reactor): the router bounds every body
+        self.content = io.BytesIO()
+
     def write(self, data: bytes) -> None:
         if not self.startedWriting:  # the headers go out with the first write (finish() writes b"" too)
             self.responseHeaders.setRawHeaders(b"server", [SERVER.encode()])
@@ -131,12 +137,14 @@ class _Site(server.Site):
         """No access log line per request: one line per notable event only."""
 
 
-def make_site(bus: Bus, stats: Stats, demo: bool) -> server.Site:
-    """The Site of plain HTTP: the demo page at /, the browser client, /healthz, /metrics."""
+def make_site(bus: Bus, stats: Stats, demo: bool, publish: resource.Resource | None = None) -> server.Site:
+    """The Site of plain HTTP: the demo page at /, the browser client, /healthz, /metrics, C{publish} at /publish."""
     page: Any = _Static("demo.html", b"text/html; charset=utf-8") if demo else pages.notFound()
     root = _Root(page)
     root.putChild(b"pushservice.js", _Static("pushservice.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"healthz", _Health(bus, stats))
     root.putChild(b"metrics", _Metrics(bus, stats))
+    if publish is not None:
+        root.putChild(b"publish", publish)
     # no idle timer per connection: the router's sweep bounds every plain HTTP connection (--http-timeout)
     return _Site(root, timeout=None)

@@ -13,6 +13,16 @@
  * so the server replays whatever was missed while it was away; where it
  * cannot, the client says so with a "gap" event.
  *
+ * Where the WebSocket cannot connect (twice in a row, never opened: a proxy
+ * that drops upgrades, say), it falls back to Server-Sent Events
+ * (GET /events with the browser's EventSource), and tries the WebSocket
+ * again whenever the stream fails. On a stream it receives the same messages
+ * and events and resumes the same way (the browser's own reconnect sends
+ * Last-Event-ID); subscribe()/unsubscribe() reopen the stream with the new
+ * channels (resuming, so nothing is missed), publish() rejects with
+ * "unavailable" (publish from your backend: POST /publish), and a token goes
+ * in the stream's URL (token=...): an EventSource cannot send headers.
+ *
  * Options:
  *   channels   names subscribed from the first connect ([])
  *   token      a JWT string, or a function returning one (or a Promise of
@@ -21,6 +31,8 @@
  *              ({"type":"auth"}; the URL only says auth=1), never in a URL:
  *              proxies and servers log URLs.
  *   minDelay, maxDelay   reconnect backoff bounds, ms (250, 10000)
+ *   fallback   use Server-Sent Events when the WebSocket cannot connect (true)
+ *   sseUrl     the event stream's URL (default: url's host, http(s), /events)
  *
  * Methods:
  *   subscribe(channel, {since}?)  Promise of the "subscribed" reply; since
@@ -31,7 +43,8 @@
  *                       next connect; restarts a client stopped by a refusal
  *   close()             stops for good
  *   on(event, fn) / off(event, fn?)
- * Properties: state, lastOffset (the resume point), channels (a Set), url.
+ * Properties: state, lastOffset (the resume point), channels (a Set), url,
+ * transport ("websocket" | "sse": the current or last connection's).
  * Requests made while not open wait for the next open; close() rejects them.
  *
  * Events:
@@ -94,6 +107,12 @@
     return (loc.protocol === "https:" ? "wss://" : "ws://") + (loc.host || "127.0.0.1:8000") + "/";
   }
 
+  // ws://host/path -> http://host/events (wss -> https)
+  function streamUrl(url) {
+    const m = /^ws(s?):\/\/([^/?#]+)/.exec(url);
+    return m ? "http" + m[1] + "://" + m[2] + "/events" : "/events";
+  }
+
   function makeError(code, message, extra) {
     return Object.assign(new Error(message || code), { code: code }, extra);
   }
@@ -104,7 +123,7 @@
   class PushService {
     constructor(url, options) {
       if (url && typeof url === "object") { options = url; url = null; }
-      const opts = Object.assign({ channels: [], token: null, minDelay: 250, maxDelay: 10000 }, options);
+      const opts = Object.assign({ channels: [], token: null, minDelay: 250, maxDelay: 10000, fallback: true }, options);
       this.url = url || defaultUrl();
       this.options = opts;
       this.channels = new Set(opts.channels || []);  // the wanted subscriptions
@@ -123,6 +142,8 @@
       this._closed = false;      // close() was called
       this._stopped = false;     // a refused token stopped reconnecting (setToken restarts)
       this._refused = undefined; // the token value last refused (null: "no token")
+      this._wsFailures = 0;      // WebSocket attempts in a row that never opened
+      this.transport = null;
       if (root.addEventListener) {
         // Back online: skip whatever backoff is left.
         root.addEventListener("online", () => { if (this._timer) this._connect(); });
@@ -156,6 +177,7 @@
 
     publish(content, options) {
       if (!this._isOpen()) return Promise.reject(makeError("unavailable", "not connected"));
+      if (this._conn.es) return Promise.reject(makeError("unavailable", "an event stream cannot publish: use POST /publish"));
       const body = { type: "message", content: content };
       if (options && options.channel) body.channel = options.channel;
       return new Promise((resolve, reject) => {
@@ -182,6 +204,9 @@
       const conn = this._conn;
       if (conn && conn.ws) {
         conn.ws.close(1000);  // onclose finishes the job
+      } else if (conn && conn.es) {
+        conn.es.close();      // fires nothing: finish here
+        this._onClose(conn, { code: 1000, reason: "client closed", wasClean: true });
       } else {
         this._conn = null;    // a token being fetched is dropped when it comes
         this._setState("closed");
@@ -192,7 +217,7 @@
 
     _isOpen() {
       const c = this._conn;
-      return !!c && c.ready && c.ws.readyState === 1;
+      return !!c && c.ready && (c.es ? c.es.readyState === 1 : !!c.ws && c.ws.readyState === 1);
     }
 
     _emit(event, ...args) {
@@ -210,7 +235,8 @@
       return new Promise((resolve, reject) => {
         w.resolve = resolve;
         w.reject = reject;
-        if (this._isOpen()) this._sendChannelRequest(w);
+        if (this._isOpen() && this._conn.es) { this._waitOpen.push(w); this._restream(); }
+        else if (this._isOpen()) this._sendChannelRequest(w);
         else if (this._closed) reject(makeError("closed", "client closed"));
         else this._waitOpen.push(w);
       });
@@ -246,7 +272,10 @@
       clearTimeout(this._timer);
       this._timer = null;
       if (this._closed || this._stopped || this._conn) return;
-      const conn = { ws: null, token: null, channels: null, since: false, ready: false, refusal: null, openedAt: 0 };
+      const conn = { ws: null, es: null, token: null, channels: null, since: false, ready: false, refusal: null, openedAt: 0 };
+      // the fallback once the WebSocket failed twice, but not twice in a row: the WebSocket is tried again
+      const stream = this.options.fallback && typeof root.EventSource === "function" &&
+        this._wsFailures >= 2 && this.transport !== "sse";
       this._conn = conn;
       this._setState("connecting");
       this._token().then((token) => {
@@ -257,7 +286,7 @@
           return;
         }
         conn.token = token;
-        this._open(conn);
+        if (stream) this._openStream(conn); else this._open(conn);
       }, (e) => {
         if (this._conn !== conn) return;
         this._conn = null;
@@ -289,9 +318,11 @@
         return;
       }
       conn.ws = ws;
+      this.transport = "websocket";
       ws.onopen = () => {
         if (this._conn !== conn) return;
         conn.openedAt = Date.now();
+        this._wsFailures = 0;
         if (conn.token == null) { this._authenticated(conn); return; }
         this._send({ type: "auth", token: conn.token }, {
           kind: "auth",
@@ -306,6 +337,57 @@
       ws.onclose = (ev) => this._onClose(conn, ev);
     }
 
+    _openStream(conn) {
+      const channels = [...this.channels].filter((c) => c.indexOf(",") < 0);
+      const q = [];
+      if (channels.length) q.push("channels=" + channels.map(encodeURIComponent).join(","));
+      if (this.lastOffset != null) q.push("since=" + encodeURIComponent(this.lastOffset));
+      if (conn.token != null) q.push("token=" + encodeURIComponent(conn.token));  // no headers on an EventSource
+      conn.channels = new Set(channels);
+      conn.since = this.lastOffset != null;
+      const base = this.options.sseUrl || streamUrl(this.url);
+      const es = new EventSource(q.length ? base + (base.indexOf("?") < 0 ? "?" : "&") + q.join("&") : base);
+      conn.es = es;
+      this.transport = "sse";
+      const frame = (ev) => { if (this._conn === conn) this._onFrame(conn, ev.data); };
+      es.onmessage = frame;
+      for (const name of ["resumed", "gap", "joined"]) es.addEventListener(name, frame);
+      es.addEventListener("close", (ev) => {
+        // the server ends the stream: shutdown (the browser reconnects by itself) or a refused token
+        let info = {};
+        try { info = JSON.parse(ev.data); } catch (e) { /* keep the defaults */ }
+        if (this._conn === conn && AUTH_CLOSES[info.code]) {
+          es.close();
+          this._onClose(conn, { code: info.code, reason: info.reason || "", wasClean: true });
+        }
+      });
+      es.onopen = () => {
+        if (this._conn !== conn) return;
+        conn.openedAt = conn.openedAt || Date.now();
+        this._authenticated(conn);
+      };
+      es.onerror = () => {
+        if (this._conn !== conn) return;
+        if (es.readyState === 2) {  // refused (an HTTP error) or unreachable: our backoff, the WebSocket first
+          this._onClose(conn, { code: 1006, reason: "event stream failed", wasClean: false });
+        } else {  // reconnecting by itself, with Last-Event-ID
+          conn.ready = false;
+          conn.since = true;
+          this._setState("connecting");
+        }
+      };
+    }
+
+    _restream() {
+      // new channels: a new stream from the resume point, so nothing between the two is missed
+      const old = this._conn;
+      old.es.close();
+      const conn = { ws: null, es: null, token: old.token, channels: null, since: false, ready: false, refusal: null, openedAt: 0 };
+      this._conn = conn;
+      this._setState("connecting");
+      this._openStream(conn);
+    }
+
     _authenticated(conn) {
       // With a since, the server answers it ("resumed") before anything replayed: open then.
       if (!conn.since) this._ready(conn);
@@ -315,21 +397,28 @@
       if (conn.ready) return;
       conn.ready = true;
       this._setState("open");
+      const later = [];
       for (const w of this._waitOpen.splice(0)) {
-        if (w.kind === "unsubscribe" || conn.channels.has(w.channel)) {
+        if (w.kind === "unsubscribe" ? !(conn.es && conn.channels.has(w.channel)) : conn.channels.has(w.channel)) {
           w.resolve({ type: w.kind + "d", channel: w.channel });  // the connect query did it
-        } else if (!this.channels.has(w.channel)) {
+        } else if (w.kind !== "unsubscribe" && !this.channels.has(w.channel)) {
           w.reject(makeError("cancelled", "unsubscribed before the server was asked"));
+        } else if (conn.es && w.channel.indexOf(",") >= 0) {
+          w.reject(makeError("bad_request", "an event stream cannot carry a channel with a comma"));
+        } else if (conn.es) {
+          later.push(w);  // a stream asks nothing: it is reopened with the channels wanted now
         } else {
           this._sendChannelRequest(w);
         }
       }
       this._emit("open");
+      if (later.length && this._conn === conn) { this._waitOpen.push(...later); this._restream(); }
     }
 
     _onClose(conn, ev) {
       if (this._conn !== conn) return;
       this._conn = null;
+      if (conn.ws && !conn.openedAt) this._wsFailures++;
       // Only a connection that lived a while resets the backoff: a server
       // that accepts and then drops us at once must not be hammered.
       if (conn.openedAt && Date.now() - conn.openedAt > 5000) this._attempt = 0;

@@ -18,7 +18,8 @@ class InProcessNode:
 
     def __init__(self, redis_url: str, queue: str, **overrides: Any) -> None:
         overrides.setdefault("redis", parse_redis_url(redis_url))
-        self.config = Config(listen=("tcp:0:interface=127.0.0.1",), queue=queue, **overrides)
+        overrides.setdefault("listen", ("tcp:0:interface=127.0.0.1",))
+        self.config = Config(queue=queue, **overrides)
         self.service = PushService(self.config)
 
     async def start(self) -> None:
