@@ -284,3 +284,20 @@ async def test_corrupt_compressed_frame_is_closed_with_1007(node):
     client.send(bytes(garbage))
     await until(lambda: client.close_code() is not None or client.lost, what="the close")
     assert client.close_code() == 1007
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize(
+    "offer", ["permessage-deflate; client_max_window_bits=99", "permessage-deflate; foo=bar", "x-webkit-deflate-frame"]
+)
+async def test_a_malformed_or_unknown_offer_costs_nothing_else(node, redis_sync, offer):
+    """An offer RFC 7692 does not allow is refused with 400 saying why (Autobahn's rule), an unknown one ignored."""
+    client = await raw(node.port)
+    client.send(offer_request(node.port, offer))
+    await until(lambda: client.head is not None or client.lost, what="handshake response")
+    if offer.startswith("permessage-deflate"):
+        assert client.status == 400 and b"illegal extension parameter" in (client.head or b""), client.head
+    else:
+        assert client.status == 101 and response_extensions(client.head or b"") is None
+    client.abort()
+    assert await handshake(node.port, CHROMIUM) is not None, "the next client is served as before"
