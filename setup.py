@@ -23,7 +23,7 @@ setup(
     # an upgrade is checked with tests/test_internals.py first (README, "Upgrading the libraries")
     install_requires=[
         "twisted[tls]>=24.7,<27",
-        "autobahn[twisted]>=24.4,<27",
+        "autobahn[twisted]>=26.7.1,<27",  # 26.7.1: bounded inflating of client frames (zip bombs)
         "txredisapi>=1.6,<1.7",
         "hiredis>=3,<4",  # txredisapi's C reply parser: its own reads an XREAD of 1000 entries in 1000s of reactor turns
         "PyJWT>=2.8",
@@ -36,6 +36,7 @@ setup(
             "redis>=5",
             "hypothesis>=6",
             "selenium>=4.20",
+            "websockets>=13",  # a second client implementation (permessage-deflate)
             "ruff>=0.6",
             "mypy>=1.10",
             "mypy-zope>=1.0",

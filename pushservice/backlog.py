@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from .deflate import deflated_join
+from .logentry import Message
 from .wire import Offset
 
 if TYPE_CHECKING:
@@ -23,11 +25,12 @@ PIECE = 64 * 1024
 class Backlog:
     """Reads one connection's messages from history, a piece at a time, skipping what it saw elsewhere."""
 
-    __slots__ = ("_hub", "_peer", "_floors")
+    __slots__ = ("_hub", "_peer", "_deflate", "_floors")
 
-    def __init__(self, hub: Hub, peer: Peer) -> None:
+    def __init__(self, hub: Hub, peer: Peer, deflate: bool = False) -> None:
         self._hub = hub
         self._peer = peer
+        self._deflate = deflate  # it negotiated permessage-deflate: compressed frames
         self._floors: dict[str | None, Offset] = {}
 
     def skip_until(self, offset: Offset, channel: str | None) -> None:
@@ -49,7 +52,7 @@ class Backlog:
         """
         hub, peer, floors = self._hub, self._peer, self._floors
         history = hub.history
-        parts: list[bytes] = []
+        picked: list[Message] = []
         size = 0
         index = start
         while index <= end and size < PIECE:
@@ -61,11 +64,16 @@ class Backlog:
                 continue
             if floors and self._seen(message.offset, message.channel):
                 continue
-            parts.append(message.frame)
+            picked.append(message)
             size += len(message.frame)
-        if parts:
-            hub.stats.delivered(len(parts), size)
-        return index, parts[0] if len(parts) == 1 else b"".join(parts)
+        if not picked:
+            return index, b""
+        if self._deflate:
+            piece = deflated_join(picked)
+        else:
+            piece = picked[0].frame if len(picked) == 1 else b"".join(m.frame for m in picked)
+        hub.stats.delivered(len(picked), len(piece))
+        return index, piece
 
     def _seen(self, offset: Offset, channel: str | None) -> bool:
         floors = self._floors

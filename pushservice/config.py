@@ -164,6 +164,7 @@ FLAGS: tuple[tuple[str, str, bool, str], ...] = (
         "Every connection needs a valid token (query `token=` or a first auth frame).",
     ),
     ("no-demo", "demo", False, "Do not serve the demo page at /."),
+    ("no-compression", "compression", False, "Do not negotiate permessage-deflate with WebSocket clients."),
 )
 
 _BY_NAME = {option.name: option for option in OPTIONS}
@@ -227,6 +228,7 @@ class Config:
     trusted_proxies: int = _default("trusted-proxies")
     require_token: bool = False
     demo: bool = True
+    compression: bool = True
 
     @property
     def dead_key(self) -> str:

@@ -15,6 +15,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from .deflate import deflated_join
 from .logentry import Message
 from .metrics import Stats
 from .outbox import Outbox
@@ -52,6 +53,8 @@ class _Batch:
     blob: bytes | None  # the shared write of a broadcast batch...
     count: int
     shares: dict[Peer, tuple[bytes, int] | None] | None  # ...or each peer's (None: too big, catch up)
+    messages: list[Message]
+    packed: bytes | None = None  # the broadcast blob compressed, once a compressing peer needed it
 
 
 class FanOut:
@@ -78,9 +81,9 @@ class FanOut:
         if all(m.channel is None and m.user is None for m in batch):
             blob = batch[0].frame if len(batch) == 1 else b"".join(m.frame for m in batch)
             peers = list(self._targets(batch[0]))
-            return self._write(_Batch(self._batches, first, last, peers, blob, len(batch), None))
+            return self._write(_Batch(self._batches, first, last, peers, blob, len(batch), None, batch))
         shares = self._shares(batch)
-        return self._write(_Batch(self._batches, first, last, list(shares), None, 0, shares))
+        return self._write(_Batch(self._batches, first, last, list(shares), None, 0, shares, batch))
 
     def pending_from(self, peer: Peer) -> int | None:
         """The first history index of the half-written batch if C{peer}'s share of it is not written yet."""
@@ -97,18 +100,23 @@ class FanOut:
 
     def _shares(self, batch: list[Message]) -> dict[Peer, tuple[bytes, int] | None]:
         # consecutive messages to the same audience are joined once and shared, like broadcasts
-        runs: list[tuple[Message, list[bytes]]] = []
+        runs: list[list[Message]] = []
         for message in batch:
             last = runs[-1][0] if runs else None
             if last is not None and (last.channel, last.user) == (message.channel, message.user):
-                runs[-1][1].append(message.frame)
+                runs[-1].append(message)
             else:
-                runs.append((message, [message.frame]))
+                runs.append([message])
         out: dict[Peer, list[tuple[bytes, int]]] = {}
-        for first, frames in runs:
-            blob = frames[0] if len(frames) == 1 else b"".join(frames)
-            for peer in self._targets(first):
-                out.setdefault(peer, []).append((blob, len(frames)))
+        for run in runs:
+            blob = run[0].frame if len(run) == 1 else b"".join(m.frame for m in run)
+            packed = None  # the run compressed, once a compressing peer needs it
+            for peer in self._targets(run[0]):
+                if peer.outbox.deflate:
+                    packed = packed or deflated_join(run)
+                    out.setdefault(peer, []).append((packed, len(run)))
+                else:
+                    out.setdefault(peer, []).append((blob, len(run)))
         shares: dict[Peer, tuple[bytes, int] | None] = {}
         for peer, parts in out.items():
             if len(parts) == 1:
@@ -144,7 +152,7 @@ class FanOut:
 
     def _write_peers(self, batch: _Batch, start: int, end: int) -> None:
         first, bid, blob, shares = batch.first, batch.id, batch.blob, batch.shares
-        written = count = size = 0
+        written = count = size = packed = 0
         for peer in batch.peers[start:end]:
             outbox = peer.outbox
             # skipped: not live (it catches up from history), or it already caught up past this batch
@@ -153,8 +161,13 @@ class FanOut:
             outbox.batch_done = bid
             try:
                 if blob is not None:
-                    outbox.offer(blob)
-                    written += 1
+                    if outbox.deflate:
+                        batch.packed = batch.packed or deflated_join(batch.messages)
+                        outbox.offer(batch.packed)
+                        packed += 1
+                    else:
+                        outbox.offer(blob)
+                        written += 1
                 else:
                     assert shares is not None
                     share = shares[peer]
@@ -167,5 +180,5 @@ class FanOut:
             except Exception:
                 self._log.failure("delivery to one connection failed; going on with the next")
         if blob is not None:
-            count, size = written * batch.count, written * len(blob)
+            count, size = (written + packed) * batch.count, written * len(blob) + packed * len(batch.packed or b"")
         self._stats.delivered(count, size)

@@ -15,7 +15,7 @@ decided here with the same rules.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .ingest import Entry, IngestRules, Undeliverable, check_user
 from .strictjson import dumps
@@ -36,6 +36,8 @@ class Message:
     seq: int | None = None
     #: A marker: this node found entries missing before this point. It reaches every connection.
     gap: bool = False
+    #: Its frame for connections that negotiated permessage-deflate, once one needed it (pushservice.deflate).
+    deflated: bytes | None = field(default=None, compare=False, repr=False)
 
 
 class BadEntry(Exception):

@@ -69,10 +69,12 @@ class Outbox:
     # one per connection: slots, and the queue and floors only while there are any (memory per connection)
     __slots__ = tuple(
         "_peer _sink _hub _clock _limit _queue _backlog _pumping _closed "
-        "live paused paused_at cursor caught_up_to batch_done".split()
+        "live paused paused_at cursor caught_up_to batch_done deflate".split()
     )
 
-    def __init__(self, peer: Peer, sink: Sink, hub: Hub, clock: IReactorTime, limit: int) -> None:
+    def __init__(
+        self, peer: Peer, sink: Sink, hub: Hub, clock: IReactorTime, limit: int, deflate: bool = False
+    ) -> None:
         self._peer = peer
         self._sink = sink
         self._hub = hub
@@ -92,6 +94,8 @@ class Outbox:
         self.caught_up_to = -1
         #: Id of the last batch whose share was handed to it.
         self.batch_done = -1
+        #: It negotiated permessage-deflate: messages go to it as their compressed frames (pushservice.deflate).
+        self.deflate = deflate
 
     # -- from the hub ------------------------------------------------------------
 
@@ -128,7 +132,7 @@ class Outbox:
 
     def _reader(self) -> Backlog:
         if self._backlog is None:
-            self._backlog = Backlog(self._hub, self._peer)
+            self._backlog = Backlog(self._hub, self._peer, self.deflate)
         return self._backlog
 
     def close(self) -> None:

@@ -56,7 +56,14 @@ class Session:
     )
 
     def __init__(
-        self, node: Node, conn: Connection, query: Query, grant: Grant | None, peer: str, bucket: TokenBucket
+        self,
+        node: Node,
+        conn: Connection,
+        query: Query,
+        grant: Grant | None,
+        peer: str,
+        bucket: TokenBucket,
+        deflate: bool = False,
     ) -> None:
         self._node = node
         self._conn = conn
@@ -66,7 +73,8 @@ class Session:
         self._timers: list[Any] | None = None  # most sessions never set one
         self.user: str | None = None
         self.channels: set[str] = set()
-        self.outbox = Outbox(self, conn, node.hub, node.clock, node.config.slow_client_bytes)
+        # deflate: the connection negotiated permessage-deflate (messages go compressed, replies plain)
+        self.outbox = Outbox(self, conn, node.hub, node.clock, node.config.slow_client_bytes, deflate)
         self.state = State.AUTHENTICATING
         self._requests = Requests(node, self, bucket)
 

@@ -14,6 +14,7 @@ from types import FunctionType
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.compress import PerMessageDeflate
 from autobahn.websocket.protocol import WebSocketProtocol
 from autobahn.websocket.types import ConnectionDeny
 from twisted.internet.interfaces import IPushProducer
@@ -24,6 +25,7 @@ from zope.interface import implementer
 
 from . import _internals
 from .auth import AuthError, Grant, normalize_origin
+from .deflate import offer_accept
 from .limits import AddressLimits, TokenBucket
 from .session import Node, Query, Session
 from .wire import check_channel, parse_offset
@@ -125,12 +127,14 @@ class PushProtocol(WebSocketServerProtocol):
             if address is not None
             else TokenBucket(f.node.clock, config.client_rate, config.client_burst)
         )
-        self.session = Session(f.node, self, self._query_seen, self._grant, str(self.peer), bucket)
+        deflate = any(isinstance(e, PerMessageDeflate) for e in self.websocket_extensions_in_use)
+        self.session = Session(f.node, self, self._query_seen, self._grant, str(self.peer), bucket, deflate)
         self.session.open()
 
     # -- frames from the client ---------------------------------------------
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        _internals.release_inflater(self)  # ~40 KB a connection otherwise keeps after its first compressed frame
         if self.session is not None:
             self.session.received(payload, isBinary)
 
@@ -240,6 +244,8 @@ class PushFactory(WebSocketServerFactory):
             # False: a protocol error (frame over the limit, bad UTF-8) sends its close frame
             # (1009, 1007, ...) before the drop, as SPEC promises; closeHandshakeTimeout bounds the wait
             failByDrop=False,
+            # None (--no-compression): Autobahn's default, which declines every offer
+            perMessageCompressionAccept=offer_accept(config.max_frame_size) if config.compression else None,
         )
         # Autobahn copies ~40 options from the factory onto every connection (and
         # pretty-prints them for a debug line): put them on a class made once instead.

@@ -97,3 +97,28 @@ class _Null:
 
     def connectionLost(self, reason: object = None) -> None:
         pass
+
+
+def test_autobahn_keeps_the_last_inflater_where_it_can_be_released():
+    """6. _perMessageCompress._decompressor is remade per message when None: releasing it keeps the next readable."""
+    import zlib
+
+    from autobahn.websocket.compress import PerMessageDeflate
+    from autobahn.websocket.protocol import WebSocketProtocol
+
+    assert "self._perMessageCompress = None" in inspect.getsource(WebSocketProtocol._connectionMade)
+    source = inspect.getsource(PerMessageDeflate.start_decompress_message)
+    assert "self._decompressor is None or self.client_no_context_takeover" in source
+
+    class Conn:
+        _perMessageCompress = PerMessageDeflate(True, True, True, 15, 15, 8)
+
+    pmce = Conn._perMessageCompress
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    body = (compressor.compress(b"hello hello hello") + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+    for _ in range(2):
+        pmce.start_decompress_message()
+        assert pmce.decompress_message_data(body) == b"hello hello hello"
+        pmce.end_decompress_message()
+        _internals.release_inflater(Conn())
+        assert pmce._decompressor is None
