@@ -65,14 +65,13 @@ class PushService(Service):
     def _prepare(self) -> None:
         from twisted.internet import reactor
 
-        from .auth import AuthError, Policy, TokenVerifier
+        from .auth import AuthError, Policy
         from .bus import Bus
         from .history import History
         from .http import PortFactory
         from .hub import Hub
         from .ingest import IngestRules
         from .limits import AddressLimits
-        from .metrics import Stats
         from .session import Node
         from .strictjson import JSONRules
         from .web import make_site
@@ -81,12 +80,12 @@ class PushService(Service):
 
         config = self.config
         run = self._running = Parts()
-        stats = Stats()
+        stats = self._make_stats()
         rules = JSONRules(config.max_json_depth, config.max_number_length)
         hub = Hub(History(config.history, config.history_bytes), stats, reactor, config.slow_client_seconds)
         run.hub = hub
         run.bus = bus = Bus(reactor, config, hub, stats, text_frame, IngestRules(rules, config.max_item_size))
-        verifier = TokenVerifier.from_file(config.token_secret_file) if config.token_secret_file else None
+        verifier = self._token_verifier()
 
         def verify(token: str) -> Any:
             if verifier is None:
@@ -97,6 +96,19 @@ class PushService(Service):
         addresses = AddressLimits(reactor, config)
         run.factory = factory = PushFactory(node, addresses)
         self._listen(reactor, PortFactory(reactor, factory, make_site(bus, stats, config.demo), addresses, config))
+
+    def _make_stats(self) -> Any:
+        """The node's counters (pushservice.worker labels them with the worker's number)."""
+        from .metrics import Stats
+
+        return Stats()
+
+    def _token_verifier(self) -> Any:
+        """The token verifier, or None without --token-secret-file (a worker is handed the secret instead)."""
+        from .auth import TokenVerifier
+
+        path = self.config.token_secret_file
+        return TokenVerifier.from_file(path) if path else None
 
     def startService(self) -> None:
         from twisted.internet import reactor
