@@ -103,5 +103,5 @@ def _config(fields: dict[str, Any]) -> Config:
 def _socket(fields: dict[str, Any]) -> Socket:
     values = {name: _tuples(value) for name, value in fields.items()}
     if values.get("tls") is not None:
-        values["tls"] = TLSMaterial(**values["tls"])
+        values["tls"] = TLSMaterial(**{name: _tuples(value) for name, value in values["tls"].items()})
     return Socket(**values)
