@@ -146,3 +146,12 @@ def capture_log():  # type: ignore[no-untyped-def]
     globalLogPublisher.addObserver(events.append)
     yield events
     globalLogPublisher.removeObserver(events.append)
+
+
+def test_worker_pool_pickles_with_its_config_only() -> None:
+    """pushservice-mktap --workers 2 can write a .tap: the pool pickles as its Config, nothing live."""
+    import pickle
+
+    pool = makeService(parse("--workers", "2", "--queue", "jobs"))
+    back = pickle.loads(pickle.dumps(pool))
+    assert isinstance(back, WorkerPool) and back.config == pool.config and back.pids == {}
