@@ -135,7 +135,10 @@ def run(handoff: Handoff) -> int:
 
 def main() -> None:
     """The worker's entry: read the handoff from stdin, then run the node."""
-    handoff = Handoff.from_json(sys.stdin.buffer.read())
+    try:
+        handoff = Handoff.from_json(sys.stdin.buffer.read())
+    except ValueError as e:
+        sys.exit(f"pushservice.worker is started by `twistd pushservice --workers N`, not by hand ({e})")
     _die_with_parent(handoff.parent_pid)
     raise SystemExit(run(handoff))
 

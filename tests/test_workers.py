@@ -21,6 +21,7 @@ import pytest_twisted
 from support.clients import SECRET, Client, connect, token
 from support.processes import (
     CLEAN_EXIT,
+    ROOT,
     START_TIMEOUT,
     TWISTD,
     RedisServer,
@@ -31,6 +32,7 @@ from support.processes import (
     pid_alive,
     run_daemon,
     stop_daemon,
+    wait_port,
 )
 from support.waiting import nothing_more, timed, until, until_sync
 from support.web import http_status, scrape
@@ -265,3 +267,53 @@ def _unix_health(path: Path) -> int | None:
         except OSError:
             return None
     return int(head.split()[1]) if head.startswith(b"HTTP/1.1 ") else None
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_worker_is_killed_at_shutdown_within_the_bound(twistd_service, redis_sync):
+    """A worker that ignores SIGTERM (stopped) is SIGKILLed after --shutdown-timeout + 5 s; the parent still exits cleanly."""
+    pool = twistd_service("--workers", "2", "--shutdown-timeout", "1")
+    ready(pool, redis_sync)
+    hung = worker_pid(pool.log(), 1)
+    os.kill(hung, signal.SIGSTOP)
+    try:
+        pool.send_signal(signal.SIGTERM)
+        assert await pool.exited(20) in CLEAN_EXIT
+    finally:
+        if pid_alive(hung):
+            os.kill(hung, signal.SIGKILL)
+    log = pool.log()
+    assert f"worker 1 (pid {hung}) still runs: SIGKILL" in log, log
+    assert f"worker 1 (pid {hung}) was killed by signal 9" in log and "worker 2: stopped" in log, log
+    assert_clean_log(log)
+    assert not pid_alive(hung)
+
+
+@pytest_twisted.ensureDeferred
+async def test_systemd_socket_activation_with_workers(redis_server, redis_sync, queue, tmp_path, procs):
+    """Under systemd-socket-activate, --workers 2 --listen systemd:... shares the inherited socket between two workers."""
+    import shutil
+
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed (apt-get install systemd)")
+    port = free_port()
+    listen = "systemd:domain=INET:name=pushservice"
+    args = [activate, "-l", f"127.0.0.1:{port}", "--fdname=pushservice", "-E", f"PYTHONPATH={ROOT}"]
+    args += [TWISTD, "-n", "--pidfile=", "--logfile=-"]
+    args += node_args(port, queue, "--workers", "2", redis=redis_server, listen=listen)
+    pool = TwistdProcess(args, tmp_path, port, queue)
+    procs.append(pool)
+    pool.start(wait=False)
+    wait_port(port, timeout=10)  # the activator's socket; a connection makes it exec twistd
+    pool.wait_healthy()
+    ready(pool, redis_sync)
+    clients = [await connect(port) for _ in range(6)]
+    redis_sync.lpush(queue, "activated")
+    for client in clients:
+        assert (await client.next_of("message"))["content"] == "activated"
+    assert sorted(per_worker(pool.url, "pushservice_connections")) == ["1", "2"]
+    pool.send_signal(signal.SIGTERM)
+    assert [(await timed(c.closed, 15))[0] for c in clients] == [1001] * 6
+    assert await pool.exited(30) in CLEAN_EXIT
+    assert_clean_log(pool.log())
