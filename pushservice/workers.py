@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import site
 import sys
 from typing import Any
 
@@ -69,11 +70,15 @@ class _Slot:
         self.gone: defer.Deferred[None] | None = None
 
 
-def _python_path() -> str:
-    """PYTHONPATH for a worker: where this pushservice was imported from, first."""
+def _worker_env() -> dict[str, str]:
+    """The parent's environment, with PYTHONPATH leading to this pushservice where a worker would not find it."""
+    env = dict(os.environ)
     here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    rest = os.environ.get("PYTHONPATH")
-    return here + (os.pathsep + rest if rest else "")
+    given = [os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    installed = [os.path.abspath(p) for p in [*site.getsitepackages(), site.getusersitepackages()]]
+    if here not in given and here not in installed:  # e.g. twistd run in a source tree: cwd is not inherited
+        env["PYTHONPATH"] = os.pathsep.join([here, *given])
+    return env
 
 
 class WorkerPool(Service):
@@ -155,9 +160,14 @@ class WorkerPool(Service):
         for i, bound in enumerate(self._bound):
             child_fds[FIRST_SOCKET_FD + i] = bound.fileno()
         process = WorkerProcess(slot.number, lambda p, reason: self._ended(reactor, slot, p, reason))
-        env = dict(os.environ, PYTHONPATH=_python_path())
         argv = [sys.executable, "-m", "pushservice.worker", str(slot.number)]
-        reactor.spawnProcess(process, sys.executable, argv, env=env, childFDs=child_fds)
+        try:
+            reactor.spawnProcess(process, sys.executable, argv, env=_worker_env(), childFDs=child_fds)
+        except OSError as e:  # out of processes or file descriptors: try again later, as if it had died
+            delay, slot.young_deaths = restart_delay(0, slot.young_deaths)
+            self._log.error("cannot start worker {n}: {e}; trying again in {d}s", n=slot.number, e=e, d=delay)
+            slot.restart = reactor.callLater(delay, self._spawn, reactor, slot)
+            return
         process.transport.write(handoff.to_json())
         process.transport.closeStdin()
         slot.process, slot.started, slot.gone = process, reactor.seconds(), defer.Deferred()
