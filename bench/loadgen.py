@@ -559,24 +559,47 @@ async def open_client(loop, host, port, host_hdr, path, kernel_ts):
     return c
 
 
+def proc_tree(pid):
+    """C{pid} and its descendants (a pushservice --workers parent and its workers)."""
+    pids, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        pids.append(p)
+        try:
+            with open("/proc/%d/task/%d/children" % (p, p)) as f:
+                todo += [int(c) for c in f.read().split()]
+        except OSError:
+            pass
+    return pids
+
+
+def _one_cpu(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def proc_cpu(pid):
-    """utime+stime of a process in seconds, or None."""
+    """utime+stime of a process and its descendants (workers) in seconds, or None."""
     if not pid:
         return None
     try:
-        with open("/proc/%d/stat" % pid) as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return sum(_one_cpu(p) for p in proc_tree(pid))
     except (OSError, IndexError, ValueError):
         return None
 
 
-def proc_rss_kb(pid):
+def _one_rss_kb(pid):
     with open("/proc/%d/status" % pid) as f:
         for line in f:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS for pid %d" % pid)
+
+
+def proc_rss_kb(pid):
+    """RSS of a process and its descendants (workers), KB."""
+    return sum(_one_rss_kb(p) for p in proc_tree(pid))
 
 
 def self_cpu():

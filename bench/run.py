@@ -7,6 +7,7 @@ rounds, and print medians and ratios.
     python bench/run.py all --quick                  # every scenario, small
     python bench/run.py latency-1k --servers pushservice,picows
     python bench/run.py all --servers pushservice,baseline --baseline-twistd ../old/.venv/bin/twistd
+    python bench/run.py fanout-1k latency-1k --servers pushservice,pushservice-w2 --server-cpus 0,1
 
 It starts a private redis-server (free port, temp dir, no persistence) pinned
 to the load CPU, then for each round and each server (order reversed every
@@ -67,6 +68,15 @@ SCENARIOS = {
                          quick=dict(clients=300, concurrency=32)),
 }
 SERVERS = ("pushservice", "websockets", "picows")
+#: pushservice-w2, pushservice-w4, ...: pushservice with --workers=N (same --twistd), e.g. beside "pushservice".
+WORKERS_PREFIX = "pushservice-w"
+
+
+def workers_of(name):
+    """N for a server named pushservice-wN, else None."""
+    if name.startswith(WORKERS_PREFIX) and name[len(WORKERS_PREFIX):].isdigit():
+        return int(name[len(WORKERS_PREFIX):])
+    return None
 #: Another pushservice (--baseline-twistd), for before/after numbers in one run.
 BASELINE = "baseline"
 
@@ -82,10 +92,10 @@ def free_port():
 
 
 def pinned(cpu):
-    """preexec_fn: pin the child to one CPU (like taskset -c CPU)."""
+    """preexec_fn: pin the child to one CPU, or a set of CPUs (like taskset -c CPU)."""
     def fn():
         if cpu is not None:
-            os.sched_setaffinity(0, {cpu})
+            os.sched_setaffinity(0, cpu if isinstance(cpu, set) else {cpu})
         os.setpgrp()
     return fn
 
@@ -124,14 +134,15 @@ def stop(proc, timeout=10):
 
 def server_cmd(name, port, rport, queue, a):
     py = sys.executable
-    if name in ("pushservice", BASELINE):
-        twistd = a.twistd if name == "pushservice" else a.baseline_twistd
+    workers = workers_of(name)
+    if name in ("pushservice", BASELINE) or workers:
+        twistd = a.baseline_twistd if name == BASELINE else a.twistd
         cmd = [twistd, "-n", "--pidfile=", "pushservice",
                "--listen", "tcp:%d:interface=127.0.0.1%s" % (
                    port, "".join(":" + o for o in a.listen_opt)),
                "--redis", "redis://127.0.0.1:%d/0" % rport,
                "--queue", queue, "--max-connections", "20000"]
-        return cmd + a.pushservice_arg
+        return cmd + a.pushservice_arg + (["--workers=%d" % workers] if workers else [])
     script = os.path.join(HERE, "peers", "%s_peer.py" % name)
     cmd = [py, script, "--port", str(port), "--redis-port", str(rport), "--queue", queue]
     if a.peer_uvloop:
@@ -233,7 +244,7 @@ def report(scen, sc, results, servers):
                         if k in sc),
         "higher is better" if sc["higher"] else "lower is better",
         ">=" if sc["higher"] else "<=", fmt(sc["target"], unit), unit))
-    hdr = "%-12s %14s %25s %9s %9s %9s %9s  %s" % ("server", "median", "min - max", "lg cpu%",
+    hdr = "%-15s %14s %25s %9s %9s %9s %9s  %s" % ("server", "median", "min - max", "lg cpu%",
                                                      "srv cpu%", "srv us/op", "p99 ms", "verdict (per round)")
     print(hdr)
     print("-" * len(hdr))
@@ -249,7 +260,7 @@ def report(scen, sc, results, servers):
         p99 = [(r.get("latency_ms") or {}).get("p99") for r in rs]
         p99 = [x for x in p99 if x is not None]
         op = [r.get("server_cpu_us_per_op") for r in rs if r.get("server_cpu_us_per_op") is not None]
-        print("%-12s %14s %25s %9s %9s %9s %9s  %s" % (
+        print("%-15s %14s %25s %9s %9s %9s %9s  %s" % (
             s, fmt(m, unit), rng,
             "%.0f" % statistics.median(lg) if lg else "-",
             "%.0f" % statistics.median(sv) if sv else "-",
@@ -259,7 +270,11 @@ def report(scen, sc, results, servers):
     if med.get(BASELINE) and med.get("pushservice") is not None:
         print("ratio pushservice/baseline = %.2f  (%s)" % (
             med["pushservice"] / med[BASELINE], ">1 is better" if sc["higher"] else "<1 is better"))
-    peers = [s for s in servers if s not in ("pushservice", BASELINE) and med.get(s)]
+    for s in servers:
+        if workers_of(s) and med.get(s) is not None and med.get("pushservice"):
+            print("ratio %s/pushservice = %.2f  (%s)" % (
+                s, med[s] / med["pushservice"], ">1 is better" if sc["higher"] else "<1 is better"))
+    peers = [s for s in servers if s not in ("pushservice", BASELINE) and not workers_of(s) and med.get(s)]
     if "pushservice" in servers and med.get("pushservice") is not None and peers:
         best = (max if sc["higher"] else min)(peers, key=lambda s: med[s])
         ratio = med["pushservice"] / med[best] if med[best] else float("nan")
@@ -295,6 +310,7 @@ def main(argv=None):
     p.add_argument("--peer-uvloop", action="store_true", help="run the peers on uvloop")
     p.add_argument("--redis-server", default=shutil.which("redis-server") or "/usr/bin/redis-server")
     p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--server-cpus", help="CPUs the server may use, e.g. 0,1 (overrides --server-cpu; for --workers)")
     p.add_argument("--load-cpu", type=int, default=1, help="CPU for load generator, producer, redis")
     p.add_argument("--concurrency", type=int, default=128, help="handshakes in flight")
     p.add_argument("--timeout", type=float, default=120.0, help="per run (loadgen hard limit), s")
@@ -312,17 +328,19 @@ def main(argv=None):
             p.error("unknown scenario %r" % s)
     servers = [s.strip() for s in a.servers.split(",") if s.strip()]
     for s in servers:
-        if s not in SERVERS + (BASELINE,):
-            p.error("unknown server %r (known: %s)" % (s, ", ".join(SERVERS + (BASELINE,))))
+        if s not in SERVERS + (BASELINE,) and not workers_of(s):
+            p.error("unknown server %r (known: %s)" % (s, ", ".join(SERVERS + (BASELINE, WORKERS_PREFIX + "N"))))
     if BASELINE in servers and not (a.baseline_twistd and os.access(a.baseline_twistd, os.X_OK)):
         p.error("the server %r needs --baseline-twistd PATH" % BASELINE)
-    if "pushservice" in servers and not os.access(a.twistd, os.X_OK):
+    if any(s == "pushservice" or workers_of(s) for s in servers) and not os.access(a.twistd, os.X_OK):
         p.error("no twistd at %s (use --twistd, or --servers websockets,picows)" % a.twistd)
     rounds = a.rounds or (1 if a.quick else 3)
     ncpu = os.cpu_count() or 1
     if ncpu < 2:
         log("only one CPU: not pinning")
         a.server_cpu = a.load_cpu = None
+    elif a.server_cpus:
+        a.server_cpu = {int(c) for c in a.server_cpus.split(",")}
     nofile = raise_nofile()
     os.sched_setaffinity(0, {a.load_cpu} if a.load_cpu is not None else set(range(ncpu)))
 

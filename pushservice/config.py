@@ -153,6 +153,12 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "trusted-proxies", "0", non_negative_int, "Reverse proxies in front whose X-Forwarded-For entries are trusted."
     ),
+    Option(
+        "workers",
+        "1",
+        positive_int,
+        "Node processes serving the same --listen endpoints, supervised by this one (a dead one is replaced).",
+    ),
 )
 
 #: ``--flag`` options: (name, Config field, value when given, help).
@@ -226,6 +232,7 @@ class Config:
     client_publish: str = _default("client-publish")
     auth_timeout: float = _default("auth-timeout")
     trusted_proxies: int = _default("trusted-proxies")
+    workers: int = _default("workers")
     require_token: bool = False
     demo: bool = True
     compression: bool = True

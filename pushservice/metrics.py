@@ -48,6 +48,8 @@ class Stats:
         self.queue_depth: int | None = None
         self.queue_oldest_age: float | None = None
         self.started = time.time()
+        #: Labels put on every line (with --workers: ``worker="N"``, so scrapes tell workers apart).
+        self.labels: dict[str, str] = {}
 
     def delivered(self, count: int, size: int) -> None:
         self.deliveries += count
@@ -62,6 +64,13 @@ class _StatsCollector(Collector):
         self._clock = clock
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = self._stats.labels
+        for family in self._families():
+            if labels:
+                family.samples = [s._replace(labels={**labels, **s.labels}) for s in family.samples]
+            yield family
+
+    def _families(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         s = self._stats
         yield GaugeMetricFamily(
             "pushservice_connections", "Open client connections (every transport)", value=s.connections

@@ -66,14 +66,13 @@ class PushService(Service):
     def _prepare(self) -> None:
         from twisted.internet import reactor
 
-        from .auth import AuthError, Policy, TokenVerifier
+        from .auth import AuthError, Policy
         from .bus import Bus
         from .history import History
         from .http import PortFactory
         from .hub import Hub
         from .ingest import IngestRules
         from .limits import AddressLimits
-        from .metrics import Stats
         from .publish import Publish
         from .session import Node
         from .strictjson import JSONRules
@@ -83,12 +82,12 @@ class PushService(Service):
 
         config = self.config
         run = self._running = Parts()
-        stats = Stats()
+        stats = self._make_stats()
         rules = JSONRules(config.max_json_depth, config.max_number_length)
         hub = Hub(History(config.history, config.history_bytes), stats, reactor, config.slow_client_seconds)
         run.hub = hub
         run.bus = bus = Bus(reactor, config, hub, stats, text_frame, IngestRules(rules, config.max_item_size))
-        verifier = TokenVerifier.from_file(config.token_secret_file) if config.token_secret_file else None
+        verifier = self._token_verifier()
 
         def verify(token: str) -> Any:
             if verifier is None:
@@ -102,6 +101,19 @@ class PushService(Service):
         port = PortFactory(reactor, factory, site, addresses, config)
         run.streams = port.streams
         self._listen(reactor, port)
+
+    def _make_stats(self) -> Any:
+        """The node's counters (pushservice.worker labels them with the worker's number)."""
+        from .metrics import Stats
+
+        return Stats()
+
+    def _token_verifier(self) -> Any:
+        """The token verifier, or None without --token-secret-file (a worker is handed the secret instead)."""
+        from .auth import TokenVerifier
+
+        path = self.config.token_secret_file
+        return TokenVerifier.from_file(path) if path else None
 
     def startService(self) -> None:
         from twisted.internet import reactor

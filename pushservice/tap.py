@@ -81,6 +81,13 @@ class Options(usage.Options):
             raise usage.UsageError("--queue must not be empty")
         if secret is not None:
             _check_secret(secret)
+        if values["workers"] > 1:
+            from .listeners import unshareable
+
+            for endpoint in listen:
+                why = unshareable(endpoint)
+                if why is not None:
+                    raise usage.UsageError(f"--listen {endpoint!r}: {why}")
         self.config = Config(listen=listen, **values)
 
 
@@ -152,8 +159,12 @@ def _check_secret(path: str) -> None:
 
 
 def makeService(options: Options):  # type: ignore[no-untyped-def]
-    """Build the service from parsed options (twistd calls this)."""
+    """Build the service from parsed options (twistd calls this): the node, or with --workers > 1 their parent."""
+    assert options.config is not None
+    if options.config.workers > 1:
+        from .workers import WorkerPool
+
+        return WorkerPool(options.config)
     from .service import PushService
 
-    assert options.config is not None
     return PushService(options.config)
