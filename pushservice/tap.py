@@ -66,6 +66,13 @@ class Options(usage.Options):
         for name, field, given, _ in FLAGS:
             values[field] = given if self[name] else not given
         listen = tuple(self["listen"]) or ("tcp:8000",)
+        if values["workers"] > 1:  # before parsing: parsing an ssl: endpoint already reads its files
+            from .listeners import unshareable
+
+            for endpoint in listen:
+                why = unshareable(endpoint)
+                if why is not None:
+                    raise usage.UsageError(f"--listen {endpoint!r}: {why}")
         for endpoint in listen:
             _check_endpoint(endpoint)
         secret = values.get("token_secret_file")
@@ -81,13 +88,6 @@ class Options(usage.Options):
             raise usage.UsageError("--queue must not be empty")
         if secret is not None:
             _check_secret(secret)
-        if values["workers"] > 1:
-            from .listeners import unshareable
-
-            for endpoint in listen:
-                why = unshareable(endpoint)
-                if why is not None:
-                    raise usage.UsageError(f"--listen {endpoint!r}: {why}")
         self.config = Config(listen=listen, **values)
 
 
