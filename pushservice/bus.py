@@ -104,9 +104,22 @@ class Bus:
                 why=self._requests.last_error,
             )
 
-    def _link(self, reply_timeout: float) -> RedisLink:
-        link = RedisLink(self._reactor, self._address, reply_timeout, self._config.redis_timeout, self._link_changed)
+    def _link(self, reply_timeout: float | None, on_message: Any = None, on_change: Any = None) -> RedisLink:
+        def changed(link: RedisLink) -> None:
+            self._link_changed(link)
+            if on_change is not None:
+                on_change(link)
+
+        link = RedisLink(self._reactor, self._address, reply_timeout, self._config.redis_timeout, changed, on_message)
         self._links.append(link)
+        return link
+
+    def pubsub_link(
+        self, on_message: Callable[[bytes, bytes], None], on_change: Callable[[RedisLink], None]
+    ) -> RedisLink:
+        """A further connection, in Pub/Sub mode (presence events), started now and stopped with the others."""
+        link = self._link(None, on_message, on_change)  # no reply deadline: messages come when they come
+        link.start()
         return link
 
     def _start_moving(self) -> None:

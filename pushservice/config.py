@@ -150,6 +150,14 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "trusted-proxies", "0", non_negative_int, "Reverse proxies in front whose X-Forwarded-For entries are trusted."
     ),
+    Option(
+        "presence-ttl",
+        "30",
+        seconds,
+        "Seconds a node's presence outlives it in Redis (killed with -9); refreshed every third of it.",
+    ),
+    Option("presence-flush", "0.5", seconds, "Seconds at most between a change in presence and its write to Redis."),
+    Option("presence-max-users", "1000", positive_int, "Users listed at most in a presence reply (all are counted)."),
 )
 
 #: ``--flag`` options: (name, Config field, value when given, help).
@@ -219,6 +227,9 @@ class Config:
     client_publish: str = _default("client-publish")
     auth_timeout: float = _default("auth-timeout")
     trusted_proxies: int = _default("trusted-proxies")
+    presence_ttl: float = _default("presence-ttl")
+    presence_flush: float = _default("presence-flush")
+    presence_max_users: int = _default("presence-max-users")
     require_token: bool = False
     demo: bool = True
 

@@ -84,6 +84,20 @@ def _keepalive(transport: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
+def _subscriber_protocol() -> Any:
+    """txredisapi's Pub/Sub protocol, handing each message to its link's C{on_message(channel, payload)}."""
+    import txredisapi
+
+    class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
+        link: RedisLink
+
+        def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
+            assert self.link.on_message is not None
+            self.link.on_message(channel, message)
+
+    return Subscriber
+
+
 class _ProtocolFactory(protocol.Factory):
     """
     Builds txredisapi protocols speaking bytes. The protocol calls back
@@ -102,7 +116,8 @@ class _ProtocolFactory(protocol.Factory):
         import txredisapi
 
         address = self._link.address
-        p = txredisapi.RedisProtocol(
+        kind = _subscriber_protocol() if self._link.on_message is not None else txredisapi.RedisProtocol
+        p = kind(
             charset=None,
             replyTimeout=self._reply_timeout,
             password=address.password,
@@ -111,6 +126,7 @@ class _ProtocolFactory(protocol.Factory):
             username=address.username,
         )
         p.factory = self
+        p.link = self._link
         return p
 
     def stopTrying(self) -> None:
@@ -124,7 +140,9 @@ class RedisLink:
     """
     A self-reconnecting connection to Redis. C{command} fails at once with
     L{NotConnected} while it is down; loops wait with C{when_up}.
-    C{on_change(link)} is called whenever C{up} changes.
+    C{on_change(link)} is called whenever C{up} changes. With C{on_message},
+    the connection is in Pub/Sub mode: each message is handed to it as
+    C{on_message(channel, payload)}.
     """
 
     def __init__(
@@ -134,8 +152,10 @@ class RedisLink:
         reply_timeout: float | None,
         connect_timeout: float,
         on_change: Callable[[RedisLink], None],
+        on_message: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
         self._reactor = reactor
+        self.on_message = on_message
         self.address = address
         self._connect_timeout = connect_timeout
         self._factory = _ProtocolFactory(self, reply_timeout)
