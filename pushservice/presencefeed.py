@@ -80,6 +80,8 @@ class PresenceFeed:
         self._check.clock = clock
         self._check_every = ttl / 3
         self._bad_events = 0
+        #: watch() calls waiting for the subscription (a node just started, or Redis just came back)
+        self._waiting: list[defer.Deferred[None]] = []
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -111,13 +113,31 @@ class PresenceFeed:
         self._subscribed = True
         for channel, watched in list(self._watched.items()):
             self._load(channel, watched)
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
 
     # -- watchers ----------------------------------------------------------
 
     def watch(self, session: Any, channel: str) -> defer.Deferred[None]:
-        """C{session} wants C{channel}'s joins and leaves: fires once every later one will reach it."""
-        if not self._subscribed:
-            return defer.fail(Unavailable("not listening to presence events (Redis unavailable)"))
+        """
+        C{session} wants C{channel}'s joins and leaves: fires once every later
+        one will reach it; fails with L{Unavailable} if that cannot be within
+        the Redis timeout.
+        """
+        if self._subscribed:
+            return self._watch(session, channel)
+        d: defer.Deferred[None] = defer.Deferred(lambda d: self._waiting.remove(d) if d in self._waiting else None)
+        self._waiting.append(d)
+
+        def late(failure: Any) -> None:
+            failure.trap(defer.TimeoutError)
+            raise Unavailable("not listening to presence events (Redis unavailable)")
+
+        d.addTimeout(self._timeout, self._clock).addCallbacks(lambda _: self._watch(session, channel), late)
+        return d
+
+    def _watch(self, session: Any, channel: str) -> defer.Deferred[None]:
         watched = self._watched.get(channel)
         if watched is None:
             watched = self._watched[channel] = _Watched()
