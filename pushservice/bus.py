@@ -1,5 +1,6 @@
 """
-Everything Redis, in front: the node's three connections, its two loops
+Everything Redis, in front: the node's connections (three, and the Pub/Sub one of
+presence, L{pushservice.presence}), its two loops
 (L{pushservice.mover}: list -> log; L{pushservice.tailer}: log -> hub), the
 requests of clients (publish, offsets) and health.
 
@@ -9,6 +10,7 @@ Keys, for a queue named Q:
     Q:dead          items that could not be delivered, as pushed (the newest --dead-maxlen)
     Q:seq           the last sequence number given to a log entry
     Q:nodes         ids of the nodes reading the log; Q:node:<id> is a node's place, with a TTL
+    Q:presence...   presence (see L{pushservice.presencestore})
 """
 
 from __future__ import annotations

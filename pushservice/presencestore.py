@@ -151,6 +151,7 @@ class PresenceStore:
         self._beat.clock = clock
         self._beat_every = ttl / 3
         self._stopped = False
+        self._failing = False
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -183,10 +184,16 @@ class PresenceStore:
     def _flush_later(self) -> None:
         self._timer = None
 
-        def failed(_: object) -> None:
-            self.changed()  # Redis down: try again later; what was not written is kept
+        def written(_: object) -> None:
+            self._failing = False
 
-        self.flush().addErrback(failed)
+        def failed(failure: Any) -> None:
+            if not self._failing:  # one line per outage, not one per attempt
+                self._failing = True
+                self._log.warn("cannot write presence to Redis ({why}); retrying", why=failure.getErrorMessage())
+            self.changed()  # what was not written is kept
+
+        self.flush().addCallbacks(written, failed)
 
     def flush(self) -> defer.Deferred[None]:
         """Write every change now (after a flush in flight); fires when Redis has them, fails if it did not."""

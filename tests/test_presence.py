@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from support.clients import Client, connect, token
+from support.clients import Client, Refused, connect, token
 from support.waiting import timed, until
 from twisted.internet import threads
 
@@ -274,3 +274,16 @@ async def test_presence_comes_back_after_redis_loses_everything(make_node, own_r
     await ivy.close()
     await until(lambda: {"type": "leave", "channel": "room", "user": "ivy"} in events(watching), 10, "ivy's leave")
     await watching.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_sub_that_is_not_unicode_is_refused(make_node, queue, secret_file):
+    """A token whose sub is a lone surrogate escape is refused: presence never has to store a user Redis cannot hold."""
+    a, _ = await two_nodes(make_node, queue, secret_file)
+    with pytest.raises(Refused) as refused:
+        await user(a.port, "\ud800")
+    assert "403" in refused.value.reason
+    client = await connect(a.port, "auth=1&channels=room")
+    reply = await client.request({"id": 1, "type": "auth", "token": token("\ud800x")})
+    assert reply["type"] == "error" and reply["code"] == "forbidden" and "Unicode" in reply["message"], reply
+    await client.close()
