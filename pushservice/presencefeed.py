@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -57,6 +58,49 @@ class _Watched:
         self.waiting: list[defer.Deferred[None]] = []
 
 
+class _EventSender:
+    """Join/leave frames to the watchers of their channel, in order, L{SENDS_PER_TURN} per reactor turn."""
+
+    def __init__(
+        self, clock: IReactorTime, watchers: Callable[[str], list[Any]], watching: Callable[[Any, str], bool]
+    ) -> None:
+        self._clock = clock
+        self._watchers = watchers
+        self._watching = watching
+        self._outgoing: deque[tuple[str, bytes]] = deque()
+        self._current: tuple[str, bytes, list[Any], int] | None = None
+        self._timer: Any = None
+
+    def stop(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+    def send(self, channel: str, events: list[Event]) -> None:
+        for user, joined in events:
+            frame = {"type": "join" if joined else "leave", "channel": channel, "user": user}
+            self._outgoing.append((channel, encode(frame)))
+        if self._outgoing and self._timer is None:
+            self._timer = self._clock.callLater(0, self._send_some)
+
+    def _send_some(self) -> None:
+        self._timer = None
+        budget = SENDS_PER_TURN
+        while budget > 0:
+            if self._current is None:
+                if not self._outgoing:
+                    return
+                channel, payload = self._outgoing.popleft()
+                self._current = (channel, payload, self._watchers(channel), 0)
+            channel, payload, sessions, start = self._current
+            end = min(len(sessions), start + budget)
+            for session in sessions[start:end]:
+                if self._watching(session, channel):  # not unsubscribed meanwhile
+                    session.send(payload)
+            budget -= end - start
+            self._current = None if end >= len(sessions) else (channel, payload, sessions, end)
+        self._timer = self._clock.callLater(0, self._send_some)
+
+
 class PresenceFeed:
     """Views of the watched channels, kept current from Pub/Sub, and their events sent to watchers."""
 
@@ -73,9 +117,7 @@ class PresenceFeed:
         self._by_session: dict[Any, set[str]] = {}
         self._link: Any = None
         self._subscribed = False
-        self._outgoing: deque[tuple[str, bytes]] = deque()
-        self._current: tuple[str, bytes, list[Any], int] | None = None
-        self._sending: Any = None
+        self._sender = _EventSender(clock, self._watchers, self.watching)
         self._check = LoopingCall(self._check_gone)
         self._check.clock = clock
         self._check_every = ttl / 3
@@ -93,8 +135,7 @@ class PresenceFeed:
     def stop(self) -> None:
         if self._check.running:
             self._check.stop()
-        if self._sending is not None and self._sending.active():
-            self._sending.cancel()
+        self._sender.stop()
 
     def link_changed(self, link: Any) -> None:
         """The Pub/Sub connection is up (subscribe, then read every view again) or down."""
@@ -168,6 +209,10 @@ class PresenceFeed:
         """C{session} is gone."""
         for channel in list(self._by_session.get(session, ())):
             self.unwatch(session, channel)
+
+    def _watchers(self, channel: str) -> list[Any]:
+        watched = self._watched.get(channel)
+        return list(watched.watchers) if watched is not None else []
 
     def watching(self, session: Any, channel: str) -> bool:
         return channel in self._by_session.get(session, ())
@@ -249,31 +294,5 @@ class PresenceFeed:
                     watched.loading.drop(node)
                 self._emit(channel, watched.view.drop(node))
 
-    # -- sending, a slice per reactor turn -------------------------------------------
-
     def _emit(self, channel: str, events: list[Event]) -> None:
-        for user, joined in events:
-            frame = {"type": "join" if joined else "leave", "channel": channel, "user": user}
-            self._outgoing.append((channel, encode(frame)))
-        if self._outgoing and self._sending is None:
-            self._sending = self._clock.callLater(0, self._send_some)
-
-    def _send_some(self) -> None:
-        self._sending = None
-        budget = SENDS_PER_TURN
-        while budget > 0:
-            if self._current is None:
-                if not self._outgoing:
-                    return
-                channel, payload = self._outgoing.popleft()
-                watched = self._watched.get(channel)
-                self._current = (channel, payload, list(watched.watchers) if watched else [], 0)
-            channel, payload, sessions, start = self._current
-            end = min(len(sessions), start + budget)
-            channels = self._by_session
-            for session in sessions[start:end]:
-                if channel in channels.get(session, ()):  # still watching
-                    session.send(payload)
-            budget -= end - start
-            self._current = None if end >= len(sessions) else (channel, payload, sessions, end)
-        self._sending = self._clock.callLater(0, self._send_some)
+        self._sender.send(channel, events)

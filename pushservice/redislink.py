@@ -25,6 +25,7 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.policies import ProtocolWrapper
 
+from .redispubsub import subscriber_protocol
 from .redisurl import RedisAddress
 
 __all__ = ["NotConnected", "RedisLink", "Unavailable", "is_connection_error"]
@@ -84,20 +85,6 @@ def _keepalive(transport: Any) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
 
 
-def _subscriber_protocol() -> Any:
-    """txredisapi's Pub/Sub protocol, handing each message to its link's C{on_message(channel, payload)}."""
-    import txredisapi
-
-    class Subscriber(txredisapi.SubscriberProtocol):  # type: ignore[misc]
-        link: RedisLink
-
-        def messageReceived(self, pattern: Any, channel: bytes, message: bytes) -> None:
-            assert self.link.on_message is not None
-            self.link.on_message(channel, message)
-
-    return Subscriber
-
-
 class _ProtocolFactory(protocol.Factory):
     """
     Builds txredisapi protocols speaking bytes. The protocol calls back
@@ -116,7 +103,7 @@ class _ProtocolFactory(protocol.Factory):
         import txredisapi
 
         address = self._link.address
-        kind = _subscriber_protocol() if self._link.on_message is not None else txredisapi.RedisProtocol
+        kind = subscriber_protocol() if self._link.on_message is not None else txredisapi.RedisProtocol
         p = kind(
             charset=None,
             replyTimeout=self._reply_timeout,

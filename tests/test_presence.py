@@ -287,3 +287,28 @@ async def test_a_sub_that_is_not_unicode_is_refused(make_node, queue, secret_fil
     reply = await client.request({"id": 1, "type": "auth", "token": token("\ud800x")})
     assert reply["type"] == "error" and reply["code"] == "forbidden" and "Unicode" in reply["message"], reply
     await client.close()
+
+
+def script_calls(redis_sync: Any) -> int:
+    """How many Lua scripts Redis ran so far (EVAL and EVALSHA)."""
+    stats = redis_sync.info("commandstats")
+    return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+
+@pytest_twisted.ensureDeferred
+async def test_redis_traffic_does_not_grow_with_connections(make_node, queue, secret_file, redis_sync):
+    """200 users joining one node cost a few coalesced writes, not one per connection; so do their leaves."""
+    a = await make_node(queue, token_secret_file=secret_file, presence_flush=0.2)
+    before = script_calls(redis_sync)
+    clients = [await user(a.port, f"u{i}") for i in range(200)]
+    reply = await presence(clients[0])
+    assert reply["user_count"] == 200, reply
+    joined = script_calls(redis_sync) - before
+    for client in clients:
+        client.sendClose(1000)
+    await until(lambda: a.stats.connections == 0, 10, "every connection closed")
+    await a.parts.factory.node.presence.store.flush()
+    left = script_calls(redis_sync) - before - joined
+    # flushes every 0.2 s while connecting, the presence query, a heartbeat or two
+    assert joined < 40 and left < 10, (joined, left)
+    assert (await presence(await user(a.port, "last")))["users"] == ["last"]
