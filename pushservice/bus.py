@@ -61,6 +61,7 @@ class Bus:
         self._rules = rules
         self._address = RedisAddress()
         self._links: list[RedisLink] = []
+        self._pubsub: list[RedisLink] = []
         self._requests: RedisLink | None = None  # set by start(); requests before it are unavailable
         self._loops: list[defer.Deferred[None]] = []
         self._moving = False
@@ -106,21 +107,22 @@ class Bus:
                 why=self._requests.last_error,
             )
 
-    def _link(self, reply_timeout: float | None, on_message: Any = None, on_change: Any = None) -> RedisLink:
-        def changed(link: RedisLink) -> None:
-            self._link_changed(link)
-            if on_change is not None:
-                on_change(link)
-
-        link = RedisLink(self._reactor, self._address, reply_timeout, self._config.redis_timeout, changed, on_message)
+    def _link(self, reply_timeout: float) -> RedisLink:
+        link = RedisLink(self._reactor, self._address, reply_timeout, self._config.redis_timeout, self._link_changed)
         self._links.append(link)
         return link
 
     def pubsub_link(
         self, on_message: Callable[[bytes, bytes], None], on_change: Callable[[RedisLink], None]
     ) -> RedisLink:
-        """A further connection, in Pub/Sub mode (presence events), started now and stopped with the others."""
-        link = self._link(None, on_message, on_change)  # no reply deadline: messages come when they come
+        """
+        A further connection, in Pub/Sub mode (presence events), started now and
+        stopped with the others. It has no reply deadline (messages come when
+        they come; its user pings it) and is not part of L{health}: presence
+        is not what the node is for.
+        """
+        link = RedisLink(self._reactor, self._address, None, self._config.redis_timeout, on_change, on_message)
+        self._pubsub.append(link)
         link.start()
         return link
 
@@ -142,7 +144,7 @@ class Bus:
             await self.tailer.stop().addTimeout(self._config.redis_timeout, self._reactor).addErrback(lambda _: None)
         # a coroutine, not a DeferredList chain: DeferredList.cancel() does not reach a Deferred
         # chained to it, so the service's shutdown timeout could not interrupt a hung stop
-        await defer.DeferredList([link.stop() for link in self._links], consumeErrors=True)
+        await defer.DeferredList([link.stop() for link in self._links + self._pubsub], consumeErrors=True)
         for loop in self._loops:
             loop.cancel()
         await defer.DeferredList(self._loops, consumeErrors=True)

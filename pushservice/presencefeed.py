@@ -24,8 +24,6 @@ differences are sent as events, so nothing missed stays wrong.
 from __future__ import annotations
 
 import json
-from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -34,14 +32,11 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from .presencebook import ChannelView, Event
+from .presenceevents import EventSender
 from .presencestore import PresenceKeys, PresenceStore
 from .redislink import Unavailable
-from .wire import encode
 
-__all__ = ["SENDS_PER_TURN", "PresenceFeed"]
-
-#: Most event frames handed to connections in one reactor turn (the rest in the next ones).
-SENDS_PER_TURN = 1000
+__all__ = ["PresenceFeed"]
 
 
 class _Watched:
@@ -56,49 +51,6 @@ class _Watched:
         self.loading: ChannelView | None = None
         self.loaded = False
         self.waiting: list[defer.Deferred[None]] = []
-
-
-class _EventSender:
-    """Join/leave frames to the watchers of their channel, in order, L{SENDS_PER_TURN} per reactor turn."""
-
-    def __init__(
-        self, clock: IReactorTime, watchers: Callable[[str], list[Any]], watching: Callable[[Any, str], bool]
-    ) -> None:
-        self._clock = clock
-        self._watchers = watchers
-        self._watching = watching
-        self._outgoing: deque[tuple[str, bytes]] = deque()
-        self._current: tuple[str, bytes, list[Any], int] | None = None
-        self._timer: Any = None
-
-    def stop(self) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-
-    def send(self, channel: str, events: list[Event]) -> None:
-        for user, joined in events:
-            frame = {"type": "join" if joined else "leave", "channel": channel, "user": user}
-            self._outgoing.append((channel, encode(frame)))
-        if self._outgoing and self._timer is None:
-            self._timer = self._clock.callLater(0, self._send_some)
-
-    def _send_some(self) -> None:
-        self._timer = None
-        budget = SENDS_PER_TURN
-        while budget > 0:
-            if self._current is None:
-                if not self._outgoing:
-                    return
-                channel, payload = self._outgoing.popleft()
-                self._current = (channel, payload, self._watchers(channel), 0)
-            channel, payload, sessions, start = self._current
-            end = min(len(sessions), start + budget)
-            for session in sessions[start:end]:
-                if self._watching(session, channel):  # not unsubscribed meanwhile
-                    session.send(payload)
-            budget -= end - start
-            self._current = None if end >= len(sessions) else (channel, payload, sessions, end)
-        self._timer = self._clock.callLater(0, self._send_some)
 
 
 class PresenceFeed:
@@ -117,7 +69,7 @@ class PresenceFeed:
         self._by_session: dict[Any, set[str]] = {}
         self._link: Any = None
         self._subscribed = False
-        self._sender = _EventSender(clock, self._watchers, self.watching)
+        self._sender = EventSender(clock, self._watchers, self.watching)
         self._check = LoopingCall(self._check_gone)
         self._check.clock = clock
         self._check_every = ttl / 3
@@ -139,6 +91,8 @@ class PresenceFeed:
 
     def link_changed(self, link: Any) -> None:
         """The Pub/Sub connection is up (subscribe, then read every view again) or down."""
+        if self._subscribed and not link.up:
+            self._log.warn("lost the presence events connection to Redis ({why}); reconnecting", why=link.last_error)
         self._subscribed = False
         if link.up:
             defer.ensureDeferred(self._subscribe(link)).addErrback(
@@ -276,7 +230,10 @@ class PresenceFeed:
                 self._emit(name, watched.view.update(node, version, flipped))
 
     async def _check_gone(self) -> None:
-        """Drop the nodes that stopped refreshing their presence: their users leave."""
+        """Drop the nodes that stopped refreshing their presence: their users leave. Ping the Pub/Sub connection."""
+        link = self._link
+        if link is not None and link.up:  # a half-open connection would otherwise go unnoticed
+            link.command("PING").addTimeout(self._timeout, self._clock).addErrback(lambda _: link.drop())
         nodes: set[str] = set()
         for watched in self._watched.values():
             nodes.update(watched.view.nodes())

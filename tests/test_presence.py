@@ -312,3 +312,32 @@ async def test_redis_traffic_does_not_grow_with_connections(make_node, queue, se
     # flushes every 0.2 s while connecting, the presence query, a heartbeat or two
     assert joined < 40 and left < 10, (joined, left)
     assert (await presence(await user(a.port, "last")))["users"] == ["last"]
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_a_silent_pubsub_connection_is_noticed(make_node, redis_server, queue, secret_file):
+    """The events connection going silent (no FIN, no RST) is pinged, dropped and made again: events flow on."""
+    from support.proxy import SilentProxy
+
+    proxy = SilentProxy(redis_server.port)
+    try:
+        options = {"presence_ttl": 1.5, "redis_timeout": 1}
+        a = await make_node(
+            queue,
+            **FAST,
+            **options,
+            token_secret_file=secret_file,
+            redis=parse_redis_url(f"redis://127.0.0.1:{proxy.port}/0"),
+        )
+        b = await make_node(queue, **FAST, **options, token_secret_file=secret_file)
+        watching = await watcher(a.port, "watcher")
+        assert (await watching.next_of("join"))["user"] == "watcher"
+        assert proxy.silence() == 4  # requests, mover, tailer, presence events
+        kate = await user(b.port, "kate")
+        # noticed within a third of the TTL plus the Redis timeout, not TCP keepalive's 25 s
+        assert await watching.next_of("join", timeout=8) == {"type": "join", "channel": "room", "user": "kate"}
+        await kate.close()
+        await watching.close()
+    finally:
+        proxy.stop()
