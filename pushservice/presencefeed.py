@@ -42,7 +42,7 @@ __all__ = ["PresenceFeed"]
 class _Watched:
     """One channel some connections of this node watch."""
 
-    __slots__ = ("watchers", "view", "loading", "loaded", "waiting")
+    __slots__ = ("watchers", "view", "loading", "loaded", "stale", "waiting")
 
     def __init__(self) -> None:
         self.watchers: set[Any] = set()
@@ -50,6 +50,8 @@ class _Watched:
         #: The view being read from Redis (first load, or a reload after an outage): events go there.
         self.loading: ChannelView | None = None
         self.loaded = False
+        #: a reload failed: read it again at the next check
+        self.stale = False
         self.waiting: list[defer.Deferred[None]] = []
 
 
@@ -207,7 +209,8 @@ class PresenceFeed:
                 if not d.called:
                     d.errback(Unavailable(failure.getErrorMessage() or "Redis did not answer"))
             return
-        watched.loading = None  # a reload: keep the old view; the next reconnect reads it again
+        watched.loading = None  # a reload: keep the old view meanwhile, and read it again at the next check
+        watched.stale = True
 
     def message(self, channel: bytes, payload: bytes) -> None:
         """A node's flush, from Pub/Sub: ``{"n": node, "v": version, "c": {channel: {user: 0|1}}}``."""
@@ -234,6 +237,10 @@ class PresenceFeed:
         link = self._link
         if link is not None and link.up:  # a half-open connection would otherwise go unnoticed
             link.command("PING").addTimeout(self._timeout, self._clock).addErrback(lambda _: link.drop())
+        for channel, watched in list(self._watched.items()):
+            if watched.stale and watched.loading is None and self._subscribed:
+                watched.stale = False
+                self._load(channel, watched)
         nodes: set[str] = set()
         for watched in self._watched.values():
             nodes.update(watched.view.nodes())

@@ -38,11 +38,12 @@ FLUSH_FIELDS = 2000
 #: Most channels one heartbeat call refreshes.
 BEAT_CHANNELS = 1000
 
-# ARGV: node, version, ttl ms, prefix, events channel, event payload ('' for none),
+# ARGV: node, version, ttl ms, prefix, events channel, event payload ('' for none), alive key,
 # then per channel: name, n, then n pairs of field, count (0: delete)
 _FLUSH = RedisScript(b"""
 local node, version, ttl, prefix = ARGV[1], ARGV[2], tonumber(ARGV[3]), ARGV[4]
-local i = 7
+redis.call('SET', ARGV[7], '1', 'PX', ttl)
+local i = 8
 while i <= #ARGV do
   local channel, n = ARGV[i], tonumber(ARGV[i + 1])
   local key, index = prefix .. channel .. ':' .. node, prefix .. channel .. ':nodes'
@@ -220,7 +221,8 @@ class PresenceStore:
             if change.flipped:
                 flips[change.channel] = {user: int(present) for user, present in change.flipped.items()}
         event = json.dumps({"n": self.node_id, "v": self._version, "c": flips}) if flips else ""
-        head = [self.node_id, self._version, self._ttl_ms, self._keys.prefix, self._keys.events, event]
+        alive = self._keys.alive_prefix + self.node_id
+        head = [self.node_id, self._version, self._ttl_ms, self._keys.prefix, self._keys.events, event, alive]
         try:
             await _FLUSH.run(self._request, [], head + args)
         except Exception:
