@@ -78,6 +78,10 @@ class TokenVerifier:
         user = claims["sub"]
         if not isinstance(user, str) or not user:
             raise AuthError("claim 'sub' must be a non-empty string")
+        try:
+            user.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate escape: no envelope could name it, Redis cannot store it
+            raise AuthError("claim 'sub' must be valid Unicode") from None
         return Grant(user, float(claims["exp"]), _patterns(claims, "channels"), _patterns(claims, "publish"))
 
 

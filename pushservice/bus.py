@@ -1,5 +1,6 @@
 """
-Everything Redis, in front: the node's three connections, its two loops
+Everything Redis, in front: the node's connections (three, and the Pub/Sub one of
+presence, L{pushservice.presence}), its two loops
 (L{pushservice.mover}: list -> log; L{pushservice.tailer}: log -> hub), the
 requests of clients (publish, offsets) and health.
 
@@ -9,6 +10,7 @@ Keys, for a queue named Q:
     Q:dead          items that could not be delivered, as pushed (the newest --dead-maxlen)
     Q:seq           the last sequence number given to a log entry
     Q:nodes         ids of the nodes reading the log; Q:node:<id> is a node's place, with a TTL
+    Q:presence...   presence (see L{pushservice.presencestore})
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Bus:
         self._rules = rules
         self._address = RedisAddress()
         self._links: list[RedisLink] = []
+        self._pubsub: list[RedisLink] = []
         self._requests: RedisLink | None = None  # set by start(); requests before it are unavailable
         self._loops: list[defer.Deferred[None]] = []
         self._moving = False
@@ -109,6 +112,20 @@ class Bus:
         self._links.append(link)
         return link
 
+    def pubsub_link(
+        self, on_message: Callable[[bytes, bytes], None], on_change: Callable[[RedisLink], None]
+    ) -> RedisLink:
+        """
+        A further connection, in Pub/Sub mode (presence events), started now and
+        stopped with the others. It has no reply deadline (messages come when
+        they come; its user pings it) and is not part of L{health}: presence
+        is not what the node is for.
+        """
+        link = RedisLink(self._reactor, self._address, None, self._config.redis_timeout, on_change, on_message)
+        self._pubsub.append(link)
+        link.start()
+        return link
+
     def _start_moving(self) -> None:
         # Move nothing before the history is loaded: an item moved earlier would count as
         # history and never reach clients already connected (e.g. a node started while Redis was down).
@@ -127,7 +144,7 @@ class Bus:
             await self.tailer.stop().addTimeout(self._config.redis_timeout, self._reactor).addErrback(lambda _: None)
         # a coroutine, not a DeferredList chain: DeferredList.cancel() does not reach a Deferred
         # chained to it, so the service's shutdown timeout could not interrupt a hung stop
-        await defer.DeferredList([link.stop() for link in self._links], consumeErrors=True)
+        await defer.DeferredList([link.stop() for link in self._links + self._pubsub], consumeErrors=True)
         for loop in self._loops:
             loop.cancel()
         await defer.DeferredList(self._loops, consumeErrors=True)

@@ -159,6 +159,14 @@ OPTIONS: tuple[Option, ...] = (
         positive_int,
         "Node processes serving the same --listen endpoints, supervised by this one (a dead one is replaced).",
     ),
+    Option(
+        "presence-ttl",
+        "30",
+        seconds,
+        "Seconds a node's presence outlives it in Redis (killed with -9); refreshed every third of it.",
+    ),
+    Option("presence-flush", "0.5", seconds, "Seconds at most between a change in presence and its write to Redis."),
+    Option("presence-max-users", "1000", positive_int, "Users listed at most in a presence reply (all are counted)."),
 )
 
 #: ``--flag`` options: (name, Config field, value when given, help).
@@ -233,6 +241,9 @@ class Config:
     auth_timeout: float = _default("auth-timeout")
     trusted_proxies: int = _default("trusted-proxies")
     workers: int = _default("workers")
+    presence_ttl: float = _default("presence-ttl")
+    presence_flush: float = _default("presence-flush")
+    presence_max_users: int = _default("presence-max-users")
     require_token: bool = False
     demo: bool = True
     compression: bool = True

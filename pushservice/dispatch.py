@@ -18,6 +18,7 @@ from .node import Node, State
 from .wire import (
     Auth,
     Offset,
+    PresenceQuery,
     Publish,
     Request,
     Subscribe,
@@ -66,6 +67,8 @@ class Requests:
         elif isinstance(request, Unsubscribe):
             self._session.unlisten(request.channel)
             self._session.reply("unsubscribed", request.id, channel=request.channel)
+        elif isinstance(request, PresenceQuery):
+            self._presence(request)
         else:
             self._auth(request)
 
@@ -95,6 +98,35 @@ class Requests:
             raise WireError("forbidden", f"channel {channel!r} not granted", request.id)
         if channel not in session.channels and len(session.channels) >= node.config.max_subscriptions:
             raise WireError("bad_request", f"at most {node.config.max_subscriptions} subscriptions", request.id)
+        presence = node.presence
+        if presence is None:
+            if request.presence:
+                raise WireError("unavailable", "presence is not served here", request.id)
+        elif request.presence:
+            # subscribed once the node follows the channel's presence: every later join/leave reaches it
+            presence.watch(session, channel).addCallbacks(
+                lambda _: self._subscribe_watched(request),
+                lambda f: session.error("unavailable", f"not subscribed: {f.getErrorMessage()}", request.id),
+            )
+            return
+        else:
+            presence.unwatch(session, channel)  # the latest subscribe says whether events are wanted
+        self._subscribe_now(request)
+
+    def _subscribe_watched(self, request: Subscribe) -> None:
+        session = self._session
+        if session.state is State.CLOSED:
+            return
+        try:
+            self._subscribe_now(request)
+        except WireError as e:
+            assert self._node.presence is not None
+            self._node.presence.unwatch(session, request.channel)
+            session.error(e.code, e.message, e.request_id)
+
+    def _subscribe_now(self, request: Subscribe) -> None:
+        node, session = self._node, self._session
+        channel = request.channel
         if request.since is None:
             session.listen(channel)
             session.reply("subscribed", request.id, channel=channel)
@@ -128,6 +160,31 @@ class Requests:
         if issued:
             hub.skip_until(session, since, request.channel)
         session.reply("subscribed", request.id, channel=request.channel, recovered=issued)
+
+    def _presence(self, request: PresenceQuery) -> None:
+        node, session = self._node, self._session
+        if node.presence is None:
+            raise WireError("unavailable", "presence is not served here", request.id)
+        if not node.policy.may_subscribe(session.grant, request.channel):
+            raise WireError("forbidden", f"channel {request.channel!r} not granted", request.id)
+
+        def answered(reply: tuple[list[str], int, int]) -> None:
+            users, count, anonymous = reply
+            extra = {"truncated": True} if count > len(users) else {}
+            session.reply(
+                "presence",
+                request.id,
+                channel=request.channel,
+                users=users,
+                user_count=count,
+                anonymous=anonymous,
+                **extra,
+            )
+
+        def failed(_: object) -> None:
+            session.error("unavailable", "Redis did not answer: presence unknown, ask again", request.id)
+
+        node.presence.query(request.channel).addCallbacks(answered, failed)
 
     def _auth(self, request: Auth) -> None:
         node, session = self._node, self._session

@@ -8,6 +8,7 @@ one write (see L{pushservice.outbox} for connections that are not live).
 from __future__ import annotations
 
 from collections.abc import Collection
+from typing import TYPE_CHECKING
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -20,6 +21,9 @@ from .logentry import Message
 from .metrics import Stats
 from .outbox import Outbox
 from .wire import Offset
+
+if TYPE_CHECKING:
+    from .presencebook import PresenceBook as Membership
 
 __all__ = ["Hub", "Peer"]
 
@@ -44,6 +48,8 @@ class Hub:
         self._when_ready: list[Deferred[None]] = []
         self._sweep = LoopingCall(self._drop_stalled)
         self._sweep.clock = clock
+        #: told who listens to what, at every change (L{pushservice.presencebook}); set by the service
+        self.membership: Membership | None = None
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -83,6 +89,8 @@ class Hub:
             self._by_user.setdefault(peer.user, set()).add(peer)
         for channel in peer.channels:
             self._by_channel.setdefault(channel, set()).add(peer)
+        if self.membership is not None and peer.channels:
+            self.membership.joined(peer.user, peer.channels)
 
     def remove(self, peer: Peer) -> None:
         self.peers.discard(peer)
@@ -92,10 +100,15 @@ class Hub:
             self._leave(self._by_channel, channel, peer)
         if peer.user is not None:
             self._leave(self._by_user, peer.user, peer)
+        if self.membership is not None and peer.channels:
+            self.membership.left(peer.user, peer.channels)
         peer.outbox.close()
 
     def set_user(self, peer: Peer, user: str | None) -> None:
         self._audience_changes(peer)
+        if self.membership is not None and peer in self.peers:
+            self.membership.left(peer.user, peer.channels)
+            self.membership.joined(user, peer.channels)
         if peer.user is not None:
             self._leave(self._by_user, peer.user, peer)
         peer.user = user
@@ -104,11 +117,15 @@ class Hub:
 
     def subscribe(self, peer: Peer, channel: str) -> None:
         self._audience_changes(peer)
+        if self.membership is not None and channel not in peer.channels:
+            self.membership.joined(peer.user, (channel,))
         peer.channels.add(channel)
         self._by_channel.setdefault(channel, set()).add(peer)
 
     def unsubscribe(self, peer: Peer, channel: str) -> None:
         self._audience_changes(peer)
+        if self.membership is not None and channel in peer.channels:
+            self.membership.left(peer.user, (channel,))
         peer.channels.discard(channel)
         self._leave(self._by_channel, channel, peer)
 

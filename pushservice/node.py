@@ -14,6 +14,7 @@ from .config import Config
 from .hub import Hub
 from .metrics import Stats
 from .outbox import Sink
+from .presence import Presence
 from .strictjson import JSONRules
 from .wire import Offset
 
@@ -39,6 +40,7 @@ class Node:
     policy: Policy
     rules: JSONRules
     verify: Any  # (token: str) -> Grant, raising AuthError
+    presence: Presence | None = None  # None: presence is not served (tests of the session alone)
 
 
 @dataclass(frozen=True)

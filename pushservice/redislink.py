@@ -25,6 +25,7 @@ from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IReactorTime
 from twisted.protocols.policies import ProtocolWrapper
 
+from .redispubsub import subscriber_protocol
 from .redisurl import RedisAddress
 
 __all__ = ["NotConnected", "RedisLink", "Unavailable", "is_connection_error"]
@@ -106,7 +107,8 @@ class _ProtocolFactory(protocol.Factory):
         import txredisapi
 
         address = self._link.address
-        p = txredisapi.RedisProtocol(
+        kind = subscriber_protocol() if self._link.on_message is not None else txredisapi.RedisProtocol
+        p = kind(
             charset=None,
             replyTimeout=self._reply_timeout,
             password=address.password,
@@ -115,6 +117,7 @@ class _ProtocolFactory(protocol.Factory):
             username=address.username,
         )
         p.factory = self
+        p.link = self._link
         return p
 
     def stopTrying(self) -> None:
@@ -128,7 +131,9 @@ class RedisLink:
     """
     A self-reconnecting connection to Redis. C{command} fails at once with
     L{NotConnected} while it is down; loops wait with C{when_up}.
-    C{on_change(link)} is called whenever C{up} changes.
+    C{on_change(link)} is called whenever C{up} changes. With C{on_message},
+    the connection is in Pub/Sub mode: each message is handed to it as
+    C{on_message(channel, payload)}.
     """
 
     def __init__(
@@ -138,8 +143,10 @@ class RedisLink:
         reply_timeout: float | None,
         connect_timeout: float,
         on_change: Callable[[RedisLink], None],
+        on_message: Callable[[bytes, bytes], None] | None = None,
     ) -> None:
         self._reactor = reactor
+        self.on_message = on_message
         self.address = address
         self._connect_timeout = connect_timeout
         self._factory = _ProtocolFactory(self, reply_timeout)

@@ -73,6 +73,7 @@ class PushService(Service):
         from .hub import Hub
         from .ingest import IngestRules
         from .limits import AddressLimits
+        from .presence import Presence
         from .publish import Publish
         from .session import Node
         from .strictjson import JSONRules
@@ -94,7 +95,9 @@ class PushService(Service):
                 raise AuthError("tokens are not enabled on this server")
             return verifier.verify(token)
 
-        node = Node(reactor, config, hub, bus, stats, Policy(config.client_publish), rules, verify)
+        presence = Presence(reactor, config, bus)
+        hub.membership = presence.book
+        node = Node(reactor, config, hub, bus, stats, Policy(config.client_publish), rules, verify, presence)
         addresses = AddressLimits(reactor, config)
         run.factory = factory = PushFactory(node, addresses)
         site = make_site(bus, stats, config.demo, Publish(node) if verifier is not None else None)
@@ -153,6 +156,7 @@ class PushService(Service):
             address = await run.local_redis.start()
         run.hub.start()
         run.bus.start(address)
+        run.factory.node.presence.start()
 
     def _startup_failed(self, failure: Any, reactor: Any) -> None:
         self._log.critical("cannot start: {why}", why=failure.getErrorMessage())
@@ -195,6 +199,7 @@ class PushService(Service):
             client.close_for_shutdown()
         self._log.info("stopping: closing {n} connections", n=len(clients))
         await defer.DeferredList(closed)
+        await run.factory.node.presence.stop()  # the closed connections' leaves, written
         run.hub.stop()
         await run.bus.stop()
         if run.local_redis is not None:

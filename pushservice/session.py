@@ -96,6 +96,8 @@ class Session:
                 timer.cancel()
         if self.state is State.JOINED:
             self._node.hub.remove(self)
+        if self._node.presence is not None:
+            self._node.presence.forget(self)
         self.outbox.close()
         self.state = State.CLOSED
 
@@ -177,6 +179,8 @@ class Session:
             self.channels.add(channel)
 
     def unlisten(self, channel: str) -> None:
+        if self._node.presence is not None:
+            self._node.presence.unwatch(self, channel)
         if self.state is State.JOINED:
             self._node.hub.unsubscribe(self, channel)
         else:

@@ -4,9 +4,10 @@ parsing, validation and encoding, no Twisted.
 
 Client to server (JSON text frames):
     {"type":"message","content":<any>,"channel"?:str,"id"?:str|int}
-    {"type":"subscribe","channel":str,"since"?:"<offset>","id"?:...}
+    {"type":"subscribe","channel":str,"since"?:"<offset>","presence"?:bool,"id"?:...}
     {"type":"unsubscribe","channel":str,"id"?:...}
     {"type":"auth","token":str,"id"?:...}
+    {"type":"presence","channel":str,"id"?:...}
 Server to client:
     {"type":"message","content":<any>,"channel":str|null,"offset":"<ms>-<seq>"}
     {"type":"ack","id":...}
@@ -15,6 +16,8 @@ Server to client:
     {"type":"resumed","since":"<offset>","recovered":bool}     the connect query's since
     {"type":"gap","reason":"trimmed"|"reset","missed":int|null,"offset":"<next>"}
     {"type":"error","id"?:...,"code":str,"message":str}
+    {"type":"presence","channel":str,"users":[str],"user_count":int,"anonymous":int,"id"?:...,"truncated"?:true}
+    {"type":"join"|"leave","channel":str,"user":str}             presence events (subscribe with presence)
 
 A frame is checked in this order, each step bounding the cost of the next:
 its size (C{too_large}, unparsed), then its nesting depth and number sizes
@@ -36,6 +39,7 @@ from .strictjson import JSONRules, StrictJSONError, dumps
 __all__ = [
     "Auth",
     "Offset",
+    "PresenceQuery",
     "Publish",
     "Request",
     "Subscribe",
@@ -90,6 +94,7 @@ class Subscribe:
     id: RequestId
     channel: str
     since: Offset | None
+    presence: bool = False  # join/leave events too
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,15 @@ class Auth:
     token: str
 
 
-Request = Publish | Subscribe | Unsubscribe | Auth
+@dataclass(frozen=True)
+class PresenceQuery:
+    """Who is on a channel now."""
+
+    id: RequestId
+    channel: str
+
+
+Request = Publish | Subscribe | Unsubscribe | Auth | PresenceQuery
 
 
 _OFFSET = re.compile(r"([0-9]{1,20})(?:-([0-9]{1,20}))?")
@@ -214,7 +227,11 @@ def parse_request(payload: bytes, is_binary: bool, max_size: int, rules: JSONRul
             return Publish(rid, frame["content"], None if channel is None else check_channel(channel))
         if kind == "subscribe":
             since = frame.get("since")
-            return Subscribe(rid, check_channel(frame.get("channel")), None if since is None else parse_offset(since))
+            presence = frame.get("presence", False)
+            if not isinstance(presence, bool):
+                raise ValueError("presence must be true or false")
+            channel = check_channel(frame.get("channel"))
+            return Subscribe(rid, channel, None if since is None else parse_offset(since), presence)
         if kind == "unsubscribe":
             return Unsubscribe(rid, check_channel(frame.get("channel")))
         if kind == "auth":
@@ -222,11 +239,13 @@ def parse_request(payload: bytes, is_binary: bool, max_size: int, rules: JSONRul
             if not isinstance(token, str) or not token:
                 raise ValueError('auth needs a "token" string')
             return Auth(rid, token)
+        if kind == "presence":
+            return PresenceQuery(rid, check_channel(frame.get("channel")))
     except ValueError as e:
         raise WireError("bad_request", str(e), rid) from None
     if kind is None:
         raise WireError("bad_request", 'frame has no "type"', rid)
-    raise WireError("bad_request", f"unknown type {kind!r}: use message, subscribe, unsubscribe or auth", rid)
+    raise WireError("bad_request", f"unknown type {kind!r}: use message, subscribe, unsubscribe, auth or presence", rid)
 
 
 def encode(frame: dict[str, Any]) -> bytes:

@@ -117,3 +117,32 @@ def test_no_token_on_a_token_only_deployment_stops(browser, twistd_service, secr
     after_client_timers(browser)  # a retry would have been tried by now
     assert events(browser, "error") == [["error", {"code": "auth_required", "fatal": True, "closeCode": 4001}]]
     assert len(sockets(browser)["urls"]) == 1
+
+
+def test_presence_in_the_browser_client(browser, twistd_service, secret_file):
+    """subscribe(ch, {presence: true}) gives join/leave events, presence(ch) the users; both survive a node restart."""
+    proc = twistd_service("--token-secret-file", secret_file, "--presence-flush", "0.05")
+    open_bare(browser, proc)
+    browser.execute_script(
+        "window.presenceEvents = [];"
+        "window.ps = watch(new PushService({token: arguments[0], minDelay: 50, maxDelay: 200}));"
+        "for (const kind of ['join', 'leave']) ps.on(kind, (ev) => presenceEvents.push([kind, ev.channel, ev.user]));"
+        "ps.subscribe('room', {presence: true}).then((r) => { window.subscribed = r.type; });",
+        token("alice"),
+    )
+    wait_for(browser, lambda d: d.execute_script("return window.subscribed;") == "subscribed", "the subscribe")
+    wait_for(browser, lambda d: ["join", "room", "alice"] in d.execute_script("return presenceEvents;"), "own join")
+    browser.execute_script("window.bob = new PushService({token: arguments[0], channels: ['room']});", token("bob"))
+    wait_for(browser, lambda d: ["join", "room", "bob"] in d.execute_script("return presenceEvents;"), "bob's join")
+    browser.execute_script("ps.presence('room').then((r) => { window.who = r; });")
+    who = wait_for(browser, lambda d: d.execute_script("return window.who;"), "the presence reply")
+    assert who["users"] == ["alice", "bob"] and who["user_count"] == 2 and who["anonymous"] == 0, who
+    browser.execute_script("bob.close();")
+    wait_for(browser, lambda d: ["leave", "room", "bob"] in d.execute_script("return presenceEvents;"), "bob's leave")
+
+    proc.restart()  # the page reconnects and asks for the events again
+    wait_for(browser, lambda d: len(events(d, "open")) == 2, "the reconnect")
+    subscribes = [json.loads(f) for f in sockets(browser)["sent"] if '"subscribe"' in f]
+    assert [f.get("presence") for f in subscribes] == [True, True], subscribes
+    browser.execute_script("window.carol = new PushService({token: arguments[0], channels: ['room']});", token("carol"))
+    wait_for(browser, lambda d: ["join", "room", "carol"] in d.execute_script("return presenceEvents;"), "carol's join")

@@ -193,7 +193,7 @@ async def test_a_half_open_redis_connection_is_noticed(twistd_service, redis_ser
         client = await connect(node.port)
         redis_sync.lpush(queue, "before")
         assert (await client.next_of("message"))["content"] == "before"
-        assert proxy.silence() == 3  # requests, mover, tailer
+        assert proxy.silence() == 4  # requests, mover, tailer, presence events
         redis_sync.lpush(queue, "during")
         # noticed within the block time (5 s) plus --redis-timeout, then reconnected through the proxy
         assert (await client.next_of("message", timeout=20))["content"] == "during"

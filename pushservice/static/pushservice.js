@@ -35,9 +35,13 @@
  *   sseUrl     the event stream's URL (default: url's host, http(s), /events)
  *
  * Methods:
- *   subscribe(channel, {since}?)  Promise of the "subscribed" reply; since
- *                       defaults to lastOffset (null: no replay)
+ *   subscribe(channel, {since, presence}?)  Promise of the "subscribed"
+ *                       reply; since defaults to lastOffset (null: no
+ *                       replay); presence: true asks for that channel's
+ *                       "join"/"leave" events too (kept across reconnects)
  *   unsubscribe(channel)          Promise of the "unsubscribed" reply
+ *   presence(channel)   Promise of {users, user_count, anonymous, truncated?}:
+ *                       who is subscribed to channel now, on every node
  *   publish(content, {channel}?)  Promise of the ack (rejects at once when not open)
  *   setToken(token)     a new token (same forms as the option), used from the
  *                       next connect; restarts a client stopped by a refusal
@@ -74,6 +78,12 @@
  *                           server's gap frame's: "trimmed" | "reset". One event
  *                           per such frame.
  *   subscribed (frame) / unsubscribed (frame)   replies to (un)subscribe
+ *   join (ev) / leave (ev)  ev = {channel, user}: a user's first connection
+ *                           to a channel subscribed with presence: true came,
+ *                           or its last one went (on any node). Events missed
+ *                           while disconnected are not replayed: on the
+ *                           "subscribed" event of such a channel after a
+ *                           reconnect, ask presence(channel) again.
  *
  * Every frame is sent with "id" as its first member: the server echoes the
  * id even on errors for frames it does not parse (too_large, rate_limited).
@@ -131,6 +141,7 @@
       this.state = "closed";
       // What the server accepted: the connect query carries these; the rest is asked for by frame.
       this._confirmed = new Set(this.channels);
+      this._presence = new Set();  // channels subscribed with presence events: by frame on every connect
       this._streamOffsets = {};  // channel ("" = broadcast) -> last offset seen
       this._handlers = {};
       this._pending = new Map(); // request id -> {resolve, reject, kind, channel}
@@ -165,11 +176,19 @@
     subscribe(channel, options) {
       this.channels.add(channel);
       const since = options && "since" in options ? options.since : undefined;
-      return this._request({ kind: "subscribe", channel: channel, since: since });
+      const presence = !!(options && options.presence);
+      if (presence) this._presence.add(channel); else this._presence.delete(channel);
+      return this._request({ kind: "subscribe", channel: channel, since: since, presence: presence });
+    }
+
+    presence(channel) {
+      if (this._isOpen() && this._conn.es) return Promise.reject(makeError("unavailable", "an event stream cannot ask for presence"));
+      return this._request({ kind: "presence", channel: channel });
     }
 
     unsubscribe(channel) {
       this.channels.delete(channel);
+      this._presence.delete(channel);
       this._confirmed.delete(channel);
       delete this._streamOffsets[channel];
       return this._request({ kind: "unsubscribe", channel: channel });
@@ -249,6 +268,7 @@
         // nothing published since our resume point is missed.
         const since = w.since === undefined ? this.lastOffset : w.since;
         if (since != null) body.since = String(since);
+        if (w.presence) body.presence = true;
       }
       this._send(body, w);
     }
@@ -299,7 +319,9 @@
     _open(conn) {
       // Only channels the server accepted go in the query (a refused one there would refuse
       // the whole connect); a comma cannot be in a query channel: the server splits on it.
-      const channels = [...this._confirmed].filter((c) => this.channels.has(c) && c.indexOf(",") < 0);
+      // (channels with presence events are subscribed by frame, which can ask for them)
+      const channels = [...this._confirmed].filter(
+        (c) => this.channels.has(c) && !this._presence.has(c) && c.indexOf(",") < 0);
       const q = [];
       if (channels.length) q.push("channels=" + channels.map(encodeURIComponent).join(","));
       if (this.lastOffset != null) q.push("since=" + encodeURIComponent(this.lastOffset));
@@ -398,8 +420,21 @@
       conn.ready = true;
       this._setState("open");
       const later = [];
-      for (const w of this._waitOpen.splice(0)) {
-        if (w.kind === "unsubscribe" ? !(conn.es && conn.channels.has(w.channel)) : conn.channels.has(w.channel)) {
+      const waiting = this._waitOpen.splice(0);
+      if (!conn.es) {
+        // presence events are asked for again on every WebSocket (an event stream carries none)
+        const asked = new Set(waiting.filter((w) => w.kind === "subscribe").map((w) => w.channel));
+        for (const channel of this._presence) {
+          if (asked.has(channel) || !this._confirmed.has(channel)) continue;
+          this._request({ kind: "subscribe", channel: channel, presence: true })
+            .catch((err) => this._emit("error", err));
+        }
+      }
+      for (const w of waiting) {
+        if (w.kind === "presence") {
+          if (conn.es) w.reject(makeError("unavailable", "an event stream cannot ask for presence"));
+          else this._sendChannelRequest(w);
+        } else if (w.kind === "unsubscribe" ? !(conn.es && conn.channels.has(w.channel)) : conn.channels.has(w.channel)) {
           w.resolve({ type: w.kind + "d", channel: w.channel });  // the connect query did it
         } else if (w.kind !== "unsubscribe" && !this.channels.has(w.channel)) {
           w.reject(makeError("cancelled", "unsubscribed before the server was asked"));
@@ -477,6 +512,10 @@
         return;
       }
       if (msg.type === "gap") return this._gap(msg.reason || "unknown", msg);
+      if (msg.type === "join" || msg.type === "leave") {
+        this._emit(msg.type, { channel: msg.channel, user: msg.user });
+        return;
+      }
       let id = msg.id;
       if ((msg.type === "subscribed" || msg.type === "unsubscribed") && !this._pending.has(id)) {
         // The contract does not promise an echoed id on these replies: match
@@ -490,7 +529,9 @@
       if (p) this._pending.delete(id);
       if (msg.type === "error") {
         const err = makeError(msg.code || "error", msg.message, { frame: msg });
-        if (p && p.kind === "subscribe") { this.channels.delete(p.channel); this._confirmed.delete(p.channel); }
+        if (p && p.kind === "subscribe") {
+          this.channels.delete(p.channel); this._confirmed.delete(p.channel); this._presence.delete(p.channel);
+        }
         if (p) p.reject(err); else this._emit("error", err);
         return;
       }
