@@ -38,6 +38,14 @@ README.rst ("Upgrading the libraries") says how to check a new release.
    for each compressed message but keeps the last one. Saves: ~40 KB per
    connection that ever sent a compressed frame (zlib's 32 KiB window and
    state; tracemalloc, 100 inflaters), more than an idle connection's 6.3 KB.
+7. txredisapi's ``BaseRedisProtocol._build_command(*args)``, the method
+   that turns a command's arguments into the bytes sent
+   (``pushservice.redisprotocols`` overrides it with L{encode_command}).
+   Why: txredisapi encodes each argument and each argument's length through
+   a chain of isinstance checks and ``str.format``; the mover's script call
+   has some 25 arguments per step. Saves: about a fifth of a node's Python
+   time per message at steady low rates (cProfile of the pipeline-10 bench
+   scenario: 75,000 calls of ``_encode_value`` for 1,000 messages).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ from twisted.protocols.policies import ProtocolWrapper
 
 __all__ = [
     "TRANSPORT_BUFFER_ATTRIBUTES",
+    "encode_command",
     "parse_server_endpoint",
     "protocol_option_names",
     "release_inflater",
@@ -116,3 +125,32 @@ def release_inflater(protocol: Any) -> None:
     pmce = protocol._perMessageCompress
     if pmce is not None and pmce.client_no_context_takeover:
         pmce._decompressor = None
+
+
+def encode_command(args: tuple[Any, ...]) -> bytes:
+    """
+    7. A Redis command as txredisapi (with C{charset=None}) would send it:
+    bytes as they are, text as UTF-8, numbers in decimal.
+    """
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        kind = type(arg)
+        if kind is bytes:
+            value = arg
+        elif kind is int:
+            value = b"%d" % arg
+        elif kind is str:
+            try:
+                value = arg.encode()
+            except UnicodeError:
+                import txredisapi
+
+                raise txredisapi.InvalidData("Encoding charset was not specified") from None
+        elif isinstance(arg, float):
+            value = format(arg, "f").encode()
+        elif isinstance(arg, (bytes, bytearray)):
+            value = bytes(arg)
+        else:
+            value = str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(value), value))
+    return b"".join(out)

@@ -17,23 +17,19 @@ ClientService logs a line per slot per attempt.
 from __future__ import annotations
 
 import random
-import socket
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IReactorTime
-from twisted.protocols.policies import ProtocolWrapper
 
-from .redispubsub import subscriber_protocol
+from .redisprotocols import command_protocol, subscriber_protocol, tune
 from .redisurl import RedisAddress
 
 __all__ = ["NotConnected", "RedisLink", "Unavailable", "is_connection_error"]
 
 #: Reconnection delays: the first, the factor after each failure, the most.
 FIRST_RETRY, RETRY_FACTOR, MAX_RETRY = 0.2, 2.0, 5.0
-#: TCP keepalive: probe after this much idleness, this far apart, this many times.
-KEEPALIVE_IDLE, KEEPALIVE_INTERVAL, KEEPALIVE_COUNT = 10, 5, 3
 
 
 class NotConnected(Exception):
@@ -68,27 +64,6 @@ def _endpoint(reactor: Any, address: RedisAddress, host: str, port: int, timeout
     return endpoint
 
 
-def _tune(transport: Any) -> None:
-    """
-    TCP keepalive with probes in seconds, not the kernel's default two hours;
-    no Nagle delay: a command goes out at once even while the last is unacknowledged.
-    """
-    while isinstance(transport, ProtocolWrapper):  # TLS: the TCP transport is underneath
-        transport = transport.transport
-    sock = transport.getHandle() if hasattr(transport, "getHandle") else None
-    if not isinstance(sock, socket.socket) or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    for name, value in (
-        ("TCP_KEEPIDLE", KEEPALIVE_IDLE),
-        ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL),
-        ("TCP_KEEPCNT", KEEPALIVE_COUNT),
-    ):
-        if hasattr(socket, name):
-            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
-
-
 class _ProtocolFactory(protocol.Factory):
     """
     Builds txredisapi protocols speaking bytes. The protocol calls back
@@ -104,10 +79,8 @@ class _ProtocolFactory(protocol.Factory):
         self._reply_timeout = reply_timeout
 
     def buildProtocol(self, addr: Any) -> Any:
-        import txredisapi
-
         address = self._link.address
-        kind = subscriber_protocol() if self._link.on_message is not None else txredisapi.RedisProtocol
+        kind = subscriber_protocol() if self._link.on_message is not None else command_protocol()
         p = kind(
             charset=None,
             replyTimeout=self._reply_timeout,
@@ -266,7 +239,7 @@ class RedisLink:
         if self._stopped:
             proto.transport.loseConnection()
             return
-        _tune(proto.transport)
+        tune(proto.transport)
         self._protocol = proto
         self._delay = FIRST_RETRY
         proto.whenDisconnected().addCallback(self._lost)

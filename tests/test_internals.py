@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import socket
 
+import pytest
 from autobahn.twisted.websocket import WebSocketServerProtocol
 from twisted.internet import abstract, tcp
 from twisted.protocols.policies import ProtocolWrapper
@@ -122,3 +123,24 @@ def test_autobahn_keeps_the_last_inflater_where_it_can_be_released():
         pmce.end_decompress_message()
         _internals.release_inflater(Conn())
         assert pmce._decompressor is None
+
+
+def test_command_encoding_matches_txredisapi():
+    """7. txredisapi still builds commands in _build_command, and encode_command sends the very same bytes."""
+    import txredisapi
+
+    from pushservice.redisprotocols import command_protocol, subscriber_protocol
+
+    assert "_build_command" in vars(txredisapi.BaseRedisProtocol)
+    assert "self._build_command(" in inspect.getsource(txredisapi.BaseRedisProtocol.execute_command)
+    reference = txredisapi.RedisProtocol(charset=None)
+    for args in [
+        ("EVALSHA", "ab" * 20, 5, "q", b"q:log", 0, -17, 2**70, 1.5, True, bytearray(b"\x00\xff"), "é€", b""),
+        ("PING",),
+        ("SET", "k", "v" * 100_000),
+    ]:
+        assert _internals.encode_command(args) == reference._build_command(*args)
+        assert command_protocol()(charset=None)._build_command(*args) == reference._build_command(*args)
+        assert subscriber_protocol()(charset=None)._build_command(*args) == reference._build_command(*args)
+    with pytest.raises(txredisapi.InvalidData):
+        _internals.encode_command(("SET", "k", "\ud800"))
