@@ -39,3 +39,45 @@ async def test_redis_sockets_send_at_once_and_probe_when_idle(node, redis_server
     finally:
         for sock in sockets:
             sock.close()
+
+
+class _Null:
+    """A protocol that ignores everything (the test reads the other end itself)."""
+
+    def makeConnection(self, transport: object) -> None:
+        pass
+
+    def dataReceived(self, data: bytes) -> None:
+        pass
+
+    def connectionLost(self, reason: object) -> None:
+        pass
+
+
+def test_direct_writes_go_out_at_once_and_never_overtake():
+    """A command is sent at once when nothing waits; queued behind what waits otherwise, in order."""
+    from twisted.internet import reactor, tcp
+
+    from pushservice import _internals
+    from pushservice.redisprotocols import DirectWrites
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.connect(listener.getsockname())
+    accepted, _ = listener.accept()
+    transport = tcp.Server(accepted, _Null(), ("127.0.0.1", 1), None, 1, reactor)
+    try:
+        direct = DirectWrites(transport)
+        direct.write(b"PING\r\n")
+        assert client.recv(100) == b"PING\r\n", "sent without a reactor turn"
+        transport.write(b"first ")  # queued in Twisted's buffer until the reactor writes
+        direct.write(b"second")
+        assert _internals.transport_queued(transport) == len(b"first second"), "queued behind, not sent ahead"
+        assert direct.getPeer() == transport.getPeer()
+        transport.doWrite()
+        assert client.recv(100) == b"first second"
+    finally:
+        transport.stopReading()
+        transport.stopWriting()
+        for s in (client, accepted, listener):
+            s.close()
