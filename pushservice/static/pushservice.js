@@ -123,6 +123,18 @@
     return m ? "http" + m[1] + "://" + m[2] + "/events" : "/events";
   }
 
+  function healthUrl(eventsUrl) {
+    const m = /^(.*)\/events(\?.*)?$/.exec(eventsUrl);
+    if (m) return m[1] + "/healthz";
+    try { return new URL("/healthz", eventsUrl).href; } catch (e) { return "/healthz"; }
+  }
+
+  // Whether the server answers HTTP at all (any status; an opaque cross-origin answer counts).
+  function reachable(url) {
+    if (typeof root.fetch !== "function") return Promise.resolve(true);
+    return root.fetch(url, { mode: "no-cors", cache: "no-store" }).then(() => true, () => false);
+  }
+
   function makeError(code, message, extra) {
     return Object.assign(new Error(message || code), { code: code }, extra);
   }
@@ -153,7 +165,7 @@
       this._closed = false;      // close() was called
       this._stopped = false;     // a refused token stopped reconnecting (setToken restarts)
       this._refused = undefined; // the token value last refused (null: "no token")
-      this._wsFailures = 0;      // WebSocket attempts in a row that never opened
+      this._wsFailures = 0;      // WebSocket attempts in a row that never opened while HTTP answered
       this.transport = null;
       if (root.addEventListener) {
         // Back online: skip whatever backoff is left.
@@ -453,7 +465,13 @@
     _onClose(conn, ev) {
       if (this._conn !== conn) return;
       this._conn = null;
-      if (conn.ws && !conn.openedAt) this._wsFailures++;
+      if (conn.ws && !conn.openedAt) {
+        // A failed WebSocket counts towards the fallback only while the server answers plain HTTP:
+        // one that was down (a restart) says nothing against WebSockets, and pages should not stay on streams.
+        reachable(healthUrl(this.options.sseUrl || streamUrl(this.url))).then((up) => {
+          if (up) this._wsFailures++; else this._wsFailures = 0;
+        });
+      }
       // Only a connection that lived a while resets the backoff: a server
       // that accepts and then drops us at once must not be hammered.
       if (conn.openedAt && Date.now() - conn.openedAt > 5000) this._attempt = 0;
