@@ -161,6 +161,7 @@ async def test_publish_permissions(make_node, queue, secret_file):
         await x.close()
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_token_expiry_closes_the_connection(make_node, queue, secret_file):
     """A connection is closed with 4003 when its token expires."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import pytest_twisted
 from support.clients import connect
 from support.waiting import until
@@ -87,6 +88,7 @@ async def test_client_publish_is_queued_and_acked(node):
     await other.close()
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_a_wrong_typed_log_key_loses_nothing(make_node, queue, redis_sync):
     """If <queue>:log is not a stream, items stay on the list (and flow once it is fixed)."""

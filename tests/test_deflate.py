@@ -183,6 +183,7 @@ async def test_compressing_and_plain_clients_share_a_mixed_batch(node, redis_syn
     await plain.close()
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_raw_frames_are_compressed_and_a_slow_reader_catches_up_with_valid_ones(make_node, queue, redis_sync):
     """A compressing client that stops reading catches up from history with compressed frames that each inflate alone."""
@@ -250,6 +251,7 @@ async def test_compressed_client_publishes_are_read_one_after_another(node, queu
     assert [f["content"] for f in frames if f["type"] == "message"] == sent
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_zip_bomb_is_closed_with_1009_and_others_go_on(make_node, queue, redis_sync):
     """A frame inflating past --max-frame-size closes its sender with 1009; another compressing client is served."""
@@ -273,6 +275,7 @@ async def test_zip_bomb_is_closed_with_1009_and_others_go_on(make_node, queue, r
     assert extensions is not None and got == [json.loads(i)["content"] for i in pushed]
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_corrupt_compressed_frame_is_closed_with_1007(node):
     """A compressed frame that does not inflate closes its sender with 1007 (invalid payload)."""

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.clients import Refused, connect
-from support.raw import Raw, raw, raw_ws, upgrade_request, ws_frame
+from support.raw import Raw, ask, raw, raw_ws, upgrade_request, ws_frame
 from support.waiting import sleep, until
 from twisted.internet import task
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
@@ -44,15 +44,6 @@ def headers_of(r: Raw) -> dict[str, list[str]]:
         name, _, value = line.decode("latin-1").partition(":")
         fields.setdefault(name.strip().lower(), []).append(value.strip())
     return fields
-
-
-async def ask(port: int, data: bytes, timeout: float = 10.0) -> Raw:
-    """Send C{data} on a new connection; return once the server answered and closed it."""
-    r = await raw(port)
-    r.send(data)
-    await until(lambda: r.lost, timeout, what="the server answers and closes")
-    assert r.head is not None, bytes(r.buf[:200])
-    return r
 
 
 def port_factory(node: Any) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import pytest_twisted
 from support.clients import connect, token
-from support.raw import Raw, raw
+from support.raw import Raw, ask, raw
 from support.waiting import new_marker, until
 
 from pushservice.config import parse_redis_url
@@ -29,15 +29,6 @@ def post(port: int, body: bytes, *headers: str, auth: str | None = PUBLISHER, le
     if length:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
-
-
-async def ask(port: int, data: bytes, timeout: float = 10.0) -> Raw:
-    """Send C{data}; return once the server answered and closed the connection."""
-    r = await raw(port)
-    r.send(data)
-    await until(lambda: r.lost, timeout, what="the server answers and closes")
-    assert r.head is not None, bytes(r.buf[:200])
-    return r
 
 
 def answer(r: Raw) -> Any:

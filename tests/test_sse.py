@@ -245,6 +245,7 @@ async def test_other_methods_and_bodies_on_events_are_refused(node):
 # -- lifetime ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_a_stream_outlives_http_timeout_but_an_unfinished_head_does_not(make_node, queue, redis_sync):
     """--http-timeout does not end a stream; a head that never ends is still cut at --handshake-timeout."""
@@ -293,6 +294,7 @@ async def test_shutdown_ends_streams_with_a_close_event(make_node, queue):
     assert close.json() == {"type": "close", "code": 1001, "reason": "server shutting down"}
 
 
+@pytest.mark.slow
 @pytest_twisted.ensureDeferred
 async def test_a_stream_that_does_not_read_is_dropped_and_others_go_on(make_node, queue, redis_sync):
     """The slow-client policy: a stream that takes nothing is dropped; a reading one gets every message."""

@@ -21,7 +21,7 @@ import zlib
 from collections.abc import Callable
 from typing import Any
 
-from .raw import KEY
+from .raw import KEY, blocking_upgrade, take_frames_rsv1
 
 __all__ = [
     "TAIL",
@@ -54,18 +54,8 @@ def slow_reader(port: int, extensions: str) -> socket.socket:
     offering C{extensions} and then reads nothing until told (L{read_frames}).
     Blocks: call it in a thread.
     """
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.settimeout(10)
-    s.connect(("127.0.0.1", port))
-    s.sendall(offer_request(port, extensions))
-    head = b""
-    while b"\r\n\r\n" not in head:
-        chunk = s.recv(1)
-        if not chunk:
-            raise ConnectionError("closed during the handshake")
-        head += chunk
-    assert head.startswith(b"HTTP/1.1 101") and "permessage-deflate" in (response_extensions(head) or ""), head
+    s, head = blocking_upgrade(port, offer_request(port, extensions))
+    assert "permessage-deflate" in (response_extensions(head) or ""), head
     return s
 
 
@@ -97,23 +87,7 @@ def response_extensions(head: bytes) -> str | None:
 
 def take_frames(buf: bytearray) -> list[tuple[int, bool, bytes]]:
     """Complete unmasked server frames (opcode, RSV1, payload) at the start of C{buf}, removed from it."""
-    out = []
-    while len(buf) >= 2:
-        n, i = buf[1] & 0x7F, 2
-        if n == 126:
-            if len(buf) < 4:
-                break
-            n, i = struct.unpack("!H", buf[2:4])[0], 4
-        elif n == 127:
-            if len(buf) < 10:
-                break
-            n, i = struct.unpack("!Q", buf[2:10])[0], 10
-        assert not buf[1] & 0x80, "a masked frame from the server"
-        if len(buf) < i + n:
-            break
-        out.append((buf[0] & 0x0F, bool(buf[0] & 0x40), bytes(buf[i : i + n])))
-        del buf[: i + n]
-    return out
+    return take_frames_rsv1(buf, masked=False)
 
 
 def inflate(payload: bytes) -> bytes:

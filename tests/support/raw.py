@@ -16,7 +16,19 @@ from twisted.internet.protocol import Protocol
 
 from .waiting import timed, until
 
-__all__ = ["KEY", "Raw", "closed_by_peer", "non_reader", "raw", "raw_ws", "take_frames", "upgrade_request", "ws_frame"]
+__all__ = [
+    "KEY",
+    "Raw",
+    "ask",
+    "closed_by_peer",
+    "non_reader",
+    "raw",
+    "raw_ws",
+    "take_frames",
+    "take_frames_rsv1",
+    "upgrade_request",
+    "ws_frame",
+]
 
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 
@@ -42,8 +54,8 @@ def ws_frame(payload: bytes, opcode: int = 1, fin: bool = True, mask: bytes = b"
     return head + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
 
 
-def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
-    """Complete frames (opcode, payload) at the start of C{buf}, removed from it (masked or not)."""
+def take_frames_rsv1(buf: bytearray, masked: bool = True) -> list[tuple[int, bool, bytes]]:
+    """Complete frames (opcode, RSV1, payload) at the start of C{buf}, removed from it (masked only if C{masked})."""
     out = []
     while len(buf) >= 2:
         n, i = buf[1] & 0x7F, 2
@@ -56,12 +68,18 @@ def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
                 break
             n, i = struct.unpack("!Q", buf[2:10])[0], 10
         if buf[1] & 0x80:
+            assert masked, "a masked frame from the server"
             i += 4
         if len(buf) < i + n:
             break
-        out.append((buf[0] & 0x0F, bytes(buf[i : i + n])))
+        out.append((buf[0] & 0x0F, bool(buf[0] & 0x40), bytes(buf[i : i + n])))
         del buf[: i + n]
     return out
+
+
+def take_frames(buf: bytearray) -> list[tuple[int, bytes]]:
+    """Complete frames (opcode, payload) at the start of C{buf}, removed from it (masked or not)."""
+    return [(opcode, payload) for opcode, _, payload in take_frames_rsv1(buf)]
 
 
 class Raw(Protocol):
@@ -122,26 +140,30 @@ async def raw_ws(port: int) -> Raw:
     return r
 
 
-def non_reader(port: int, path: str = "/", read_head: bool = True) -> socket.socket:
+def blocking_upgrade(port: int, request: bytes, read_head: bool = True) -> tuple[socket.socket, bytes]:
     """
-    A blocking socket with a tiny receive buffer that sends an upgrade
-    request for C{path} and then never reads (with C{read_head}, not before
-    it has read the 101 head). Blocks: call it in a thread.
+    A blocking socket with a tiny receive buffer that sent C{request} (an
+    upgrade) and, with C{read_head}, read the 101 head (returned) and not a
+    byte more. Blocks: call it in a thread.
     """
     s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.settimeout(10)
     s.connect(("127.0.0.1", port))
-    s.sendall(upgrade_request(port, path))
-    if read_head:
-        head = b""
-        while b"\r\n\r\n" not in head:
-            chunk = s.recv(1)
-            if not chunk:
-                raise ConnectionError("closed during the handshake")
-            head += chunk
-        assert head.startswith(b"HTTP/1.1 101"), head
-    return s
+    s.sendall(request)
+    head = b""
+    while read_head and b"\r\n\r\n" not in head:
+        chunk = s.recv(1)
+        if not chunk:
+            raise ConnectionError("closed during the handshake")
+        head += chunk
+    assert not read_head or head.startswith(b"HTTP/1.1 101"), head
+    return s, head
+
+
+def non_reader(port: int, path: str = "/", read_head: bool = True) -> socket.socket:
+    """An upgrade for C{path} that then never reads (see L{blocking_upgrade}). Blocks: call it in a thread."""
+    return blocking_upgrade(port, upgrade_request(port, path), read_head)[0]
 
 
 def closed_by_peer(s: socket.socket, seconds: float = 10.0) -> bool:
@@ -159,3 +181,12 @@ def closed_by_peer(s: socket.socket, seconds: float = 10.0) -> bool:
     finally:
         s.close()
     return False
+
+
+async def ask(port: int, data: bytes, timeout: float = 10.0) -> Raw:
+    """Send C{data} on a new connection; return once the server answered and closed it."""
+    r = await raw(port)
+    r.send(data)
+    await until(lambda: r.lost, timeout, what="the server answers and closes")
+    assert r.head is not None, bytes(r.buf[:200])
+    return r
