@@ -25,7 +25,7 @@ from . import _internals
 from .auth import Grant
 from .limits import TokenBucket
 from .session import Node, Query, Session
-from .sse import KEEPALIVE, FrameEvents, stream_start
+from .sse import KEEPALIVE, MESSAGE_EVENT, FrameEvents, stream_start
 from .wire import encode, format_offset, reply_frame
 
 if TYPE_CHECKING:
@@ -122,10 +122,12 @@ class EventStream(protocol.Protocol):
         if not self._ended:
             events = self._events.feed(data)
             if events:
+                self._streams.node.stats.sse_deliveries += events.count(MESSAGE_EVENT)
                 self.transport.write(events)
 
     def drop_slow(self, why: str) -> None:
         self._streams.node.stats.slow_disconnects += 1
+        self._streams.node.stats.sse_slow_disconnects += 1
         self._log.warn("dropping slow event stream {peer}: {why}", peer=self.transport.getPeer(), why=why)
         self._ended = True
         self.transport.abortConnection()

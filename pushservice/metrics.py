@@ -27,6 +27,9 @@ class Stats:
         #: ...of which event streams (GET /events).
         self.sse_connections = 0
         self.sse_connections_total = 0
+        #: Of the deliveries and slow disconnects below, those of event streams.
+        self.sse_deliveries = 0
+        self.sse_slow_disconnects = 0
         #: Items queued through POST /publish.
         self.http_publishes = 0
         self.messages_in = 0
@@ -92,6 +95,14 @@ class _StatsCollector(Collector):
         accepted.add_metric(["websocket"], s.connections_total)
         accepted.add_metric(["sse"], s.sse_connections_total)
         yield accepted
+        for name, text, total, sse in (
+            ("messages_out", "Messages delivered to connections", s.deliveries, s.sse_deliveries),
+            ("slow_disconnects", "Slow clients disconnected", s.slow_disconnects, s.sse_slow_disconnects),
+        ):
+            family = CounterMetricFamily(f"pushservice_transport_{name}", f"{text}, by transport", labels=["transport"])
+            family.add_metric(["websocket"], total - sse)
+            family.add_metric(["sse"], sse)
+            yield family
         yield CounterMetricFamily("pushservice_messages_in", "Messages read from the log", value=s.messages_in)
         yield CounterMetricFamily(
             "pushservice_messages_moved", "Items this node moved from the list to the log", value=s.messages_moved

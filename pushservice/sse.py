@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["KEEPALIVE", "FrameEvents", "event", "stream_start"]
+__all__ = ["KEEPALIVE", "MESSAGE_EVENT", "FrameEvents", "event", "stream_start"]
 
 #: A comment line: keeps proxies and the browser from timing out an idle stream.
 KEEPALIVE = b":\n\n"
@@ -34,6 +34,8 @@ _TYPED = b'{"type":"'
 # message frames (wire.message_payload) and the joined notice end with the offset
 _MESSAGE = b'{"type":"message",'
 _WITH_ID = (_MESSAGE, b'{"type":"joined",')
+#: How a message's event carries it (counted for the deliveries metric; content cannot fake it: its quotes are escaped).
+MESSAGE_EVENT = b"data: " + _MESSAGE
 _OFFSET_KEY = b',"offset":"'
 _OFFSET = re.compile(rb"[0-9]{1,20}-[0-9]{1,20}")
 _NEWLINES = re.compile(rb"\r\n|\r|\n")

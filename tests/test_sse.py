@@ -314,14 +314,15 @@ async def test_a_stream_that_does_not_read_is_dropped_and_others_go_on(make_node
     for i in range(150):
         push(redis_sync, queue, [i, big])
     await until(lambda: node.stats.slow_disconnects == 1, 20, "the stalled stream is dropped")
+    assert node.stats.sse_slow_disconnects == 1, "counted as an event stream's"
     assert await threads.deferToThread(closed_by_peer, s)
     got = await to_marker(reader, redis_sync, queue)
     assert [c[0] for c in got] == list(range(150))
 
 
 @pytest_twisted.ensureDeferred
-async def test_metrics_count_connections_by_transport(make_node, queue):
-    """/metrics: pushservice_transport_connections by transport; pushservice_connections counts both."""
+async def test_metrics_count_connections_by_transport(make_node, queue, redis_sync):
+    """/metrics: connections, deliveries and slow drops by transport; pushservice_connections counts both."""
     node = await make_node(queue)
     ws = await connect(node.port)
     stream = await open_events(node.port)
@@ -331,6 +332,13 @@ async def test_metrics_count_connections_by_transport(make_node, queue):
     assert metrics.labelled[("pushservice_transport_connections", (("transport", "sse"),))] == 1
     assert metrics.labelled[("pushservice_transport_connections", (("transport", "websocket"),))] == 1
     assert metrics.labelled[("pushservice_transport_connections_accepted_total", (("transport", "sse"),))] == 1
+    redis_sync.lpush(queue, "one", json.dumps({"content": "two", "channel": "elsewhere"}), "three")
+    await stream.wait(2, "message")  # "one" and "three": neither connection is on "elsewhere"
+    await ws.messages(2)
+    metrics = await threads.deferToThread(scrape, node.url)
+    assert metrics.labelled[("pushservice_transport_messages_out_total", (("transport", "sse"),))] == 2
+    assert metrics.labelled[("pushservice_transport_messages_out_total", (("transport", "websocket"),))] == 2
+    assert metrics.labelled[("pushservice_transport_slow_disconnects_total", (("transport", "sse"),))] == 0
     await ws.close()
     stream.abort()
     await until(lambda: node.stats.connections == 0, what="both gone")
