@@ -22,6 +22,13 @@ __all__ = ["PIECE", "Backlog"]
 PIECE = 64 * 1024
 
 
+def wants(peer: Peer, message: Message) -> bool:
+    """Whether C{message} is for C{peer}: its user's, on its channels, or for everyone."""
+    if message.user is not None and message.user != peer.user:
+        return False
+    return message.channel is None or message.channel in peer.channels
+
+
 class Backlog:
     """Reads one connection's messages from history, a piece at a time, skipping what it saw elsewhere."""
 
@@ -60,7 +67,7 @@ class Backlog:
             index += 1
             if channel is not None and message.channel != channel:
                 continue
-            if not hub.wants(peer, message):
+            if not wants(peer, message):
                 continue
             if floors and self._seen(message.offset, message.channel):
                 continue

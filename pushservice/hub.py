@@ -8,12 +8,11 @@ one write (see L{pushservice.outbox} for connections that are not live).
 from __future__ import annotations
 
 from collections.abc import Collection
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
 from .fanout import FanOut, Peer
 from .history import History
@@ -23,15 +22,31 @@ from .outbox import Outbox
 from .wire import Offset
 
 if TYPE_CHECKING:
-    from .presencebook import PresenceBook as Membership
+    from collections.abc import Iterable
 
-__all__ = ["Hub", "Peer"]
+__all__ = ["Hub", "Membership", "Peer"]
+
+
+class Membership(Protocol):
+    """What is told who listens to what at every change (L{pushservice.presencebook})."""
+
+    def joined(self, user: str | None, channels: Iterable[str]) -> None: ...
+
+    def left(self, user: str | None, channels: Iterable[str]) -> None: ...
+
+
+class _Nobody:
+    """The membership of a hub without presence: nothing is told."""
+
+    def joined(self, user: str | None, channels: Iterable[str]) -> None:
+        pass
+
+    def left(self, user: str | None, channels: Iterable[str]) -> None:
+        pass
 
 
 class Hub:
     """Who is connected, who listens to what, and delivery of log batches."""
-
-    _log = Logger()
 
     def __init__(self, history: History, stats: Stats, clock: IReactorTime, slow_seconds: float) -> None:
         self._clock = clock
@@ -48,8 +63,8 @@ class Hub:
         self._when_ready: list[Deferred[None]] = []
         self._sweep = LoopingCall(self._drop_stalled)
         self._sweep.clock = clock
-        #: told who listens to what, at every change (L{pushservice.presencebook}); set by the service
-        self.membership: Membership | None = None
+        #: told who listens to what, at every change; the service sets a presence book
+        self.membership: Membership = _Nobody()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -89,8 +104,7 @@ class Hub:
             self._by_user.setdefault(peer.user, set()).add(peer)
         for channel in peer.channels:
             self._by_channel.setdefault(channel, set()).add(peer)
-        if self.membership is not None and peer.channels:
-            self.membership.joined(peer.user, peer.channels)
+        self.membership.joined(peer.user, peer.channels)
 
     def remove(self, peer: Peer) -> None:
         self.peers.discard(peer)
@@ -100,13 +114,12 @@ class Hub:
             self._leave(self._by_channel, channel, peer)
         if peer.user is not None:
             self._leave(self._by_user, peer.user, peer)
-        if self.membership is not None and peer.channels:
-            self.membership.left(peer.user, peer.channels)
+        self.membership.left(peer.user, peer.channels)
         peer.outbox.close()
 
     def set_user(self, peer: Peer, user: str | None) -> None:
         self._audience_changes(peer)
-        if self.membership is not None and peer in self.peers:
+        if peer in self.peers:
             self.membership.left(peer.user, peer.channels)
             self.membership.joined(user, peer.channels)
         if peer.user is not None:
@@ -117,14 +130,14 @@ class Hub:
 
     def subscribe(self, peer: Peer, channel: str) -> None:
         self._audience_changes(peer)
-        if self.membership is not None and channel not in peer.channels:
+        if channel not in peer.channels:
             self.membership.joined(peer.user, (channel,))
         peer.channels.add(channel)
         self._by_channel.setdefault(channel, set()).add(peer)
 
     def unsubscribe(self, peer: Peer, channel: str) -> None:
         self._audience_changes(peer)
-        if self.membership is not None and channel in peer.channels:
+        if channel in peer.channels:
             self.membership.left(peer.user, (channel,))
         peer.channels.discard(channel)
         self._leave(self._by_channel, channel, peer)
@@ -166,13 +179,6 @@ class Hub:
             return outbox.cursor - 1
         pending = self._fanout.pending_from(peer)
         return self.history.last if pending is None else pending - 1
-
-    @staticmethod
-    def wants(peer: Peer, message: Message) -> bool:
-        """Whether C{message} is for C{peer}: its user's, on its channels, or for everyone."""
-        if message.user is not None and message.user != peer.user:
-            return False
-        return message.channel is None or message.channel in peer.channels
 
     def resume(self, peer: Peer, since: Offset) -> bool:
         """

@@ -31,7 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from .presencebook import ChannelView, Event
+from .presencebook import ChannelView
 from .presenceevents import EventSender
 from .presencestore import PresenceKeys, PresenceStore
 from .redislink import Unavailable
@@ -53,6 +53,13 @@ class _Watched:
         #: a reload failed: read it again at the next check
         self.stale = False
         self.waiting: list[defer.Deferred[None]] = []
+
+
+def _flush(payload: bytes) -> tuple[str, int, list[tuple[str, dict[str, bool]]]]:
+    """``{"n": node, "v": version, "c": {channel: {user: 0|1}}}``: (node, version, [(channel, {user: present})])."""
+    event = json.loads(payload)
+    changes = [(str(c), {str(u): bool(p) for u, p in f.items()}) for c, f in event["c"].items()]
+    return str(event["n"]), int(event["v"]), changes
 
 
 class PresenceFeed:
@@ -191,7 +198,7 @@ class PresenceFeed:
         before, watched.view, watched.loading = watched.view.users(), view, None
         if reload:  # after an outage: what changed while events could not reach us
             after = view.users()
-            self._emit(
+            self._sender.send(
                 channel, [(u, True) for u in sorted(after - before)] + [(u, False) for u in sorted(before - after)]
             )
         waiting, watched.waiting = watched.waiting, []
@@ -213,11 +220,9 @@ class PresenceFeed:
         watched.stale = True
 
     def message(self, channel: bytes, payload: bytes) -> None:
-        """A node's flush, from Pub/Sub: ``{"n": node, "v": version, "c": {channel: {user: 0|1}}}``."""
+        """A node's flush, from Pub/Sub (see L{_flush})."""
         try:
-            event = json.loads(payload)
-            node, version, flips = str(event["n"]), int(event["v"]), event["c"]
-            changes = [(str(c), {str(u): bool(p) for u, p in f.items()}) for c, f in flips.items()]
+            node, version, changes = _flush(payload)
         except (ValueError, KeyError, TypeError, AttributeError):
             self._bad_events += 1
             if self._bad_events == 1:
@@ -230,7 +235,7 @@ class PresenceFeed:
             if watched.loading is not None:
                 watched.loading.update(node, version, flipped)  # sent by the diff when loaded
             else:
-                self._emit(name, watched.view.update(node, version, flipped))
+                self._sender.send(name, watched.view.update(node, version, flipped))
 
     async def _check_gone(self) -> None:
         """Drop the nodes that stopped refreshing their presence: their users leave. Ping the Pub/Sub connection."""
@@ -256,7 +261,4 @@ class PresenceFeed:
             for channel, watched in list(self._watched.items()):
                 if watched.loading is not None:
                     watched.loading.drop(node)
-                self._emit(channel, watched.view.drop(node))
-
-    def _emit(self, channel: str, events: list[Event]) -> None:
-        self._sender.send(channel, events)
+                self._sender.send(channel, watched.view.drop(node))
