@@ -58,6 +58,8 @@ class Handoff:
     config: Config
     sockets: tuple[Socket, ...]
     token_secret: bytes | None = None
+    #: how many workers the parent runs (the worker's own config says 1: it is one node)
+    workers: int = 1
 
     def to_json(self) -> bytes:
         document = {
@@ -67,6 +69,7 @@ class Handoff:
             "config": dataclasses.asdict(self.config),
             "sockets": [dataclasses.asdict(s) for s in self.sockets],
             "token_secret": None if self.token_secret is None else base64.b64encode(self.token_secret).decode(),
+            "workers": self.workers,
         }
         return json.dumps(document, allow_nan=False).encode()
 
@@ -83,6 +86,7 @@ class Handoff:
                 config=_config(doc["config"]),
                 sockets=tuple(_socket(s) for s in doc["sockets"]),
                 token_secret=None if secret is None else base64.b64decode(secret),
+                workers=int(doc["workers"]),
             )
         except (KeyError, TypeError, AttributeError, json.JSONDecodeError) as e:
             raise ValueError(f"not a worker handoff: {e!r}") from None

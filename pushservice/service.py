@@ -100,7 +100,9 @@ class PushService(Service):
         node = Node(reactor, config, hub, bus, stats, Policy(config.client_publish), rules, verify, presence)
         addresses = AddressLimits(reactor, config)
         run.factory = factory = PushFactory(node, addresses)
-        site = make_site(bus, stats, config.demo, Publish(node) if verifier is not None else None)
+        site = make_site(
+            bus, stats, config.demo, Publish(node) if verifier is not None else None, self._metrics(bus, stats)
+        )
         port = PortFactory(reactor, factory, site, addresses, config)
         run.streams = port.streams
         self._listen(reactor, port)
@@ -110,6 +112,10 @@ class PushService(Service):
         from .metrics import Stats
 
         return Stats()
+
+    def _metrics(self, bus: Any, stats: Any) -> Any:
+        """What /metrics answers (None: this node's own metrics; a worker answers with all workers')."""
+        return None
 
     def _token_verifier(self) -> Any:
         """The token verifier, or None without --token-secret-file (a worker is handed the secret instead)."""

@@ -9,6 +9,7 @@ through, one per connection.
 from __future__ import annotations
 
 import io
+from collections.abc import Awaitable, Callable
 from importlib import resources
 from typing import Any
 
@@ -93,24 +94,31 @@ class _Metrics(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, bus: Bus, stats: Stats) -> None:
+    def __init__(self, bus: Bus, stats: Stats, shared: Callable[[], Awaitable[bytes]] | None) -> None:
         super().__init__()
         self._bus = bus
         self._stats = stats
+        self._shared = shared
 
     def render_GET(self, request: Any) -> Any:
         finished = request.notifyFinish()
         gone: list[bool] = []
         finished.addErrback(lambda _: gone.append(True))
 
-        def answer(_: object) -> None:
+        async def text() -> bytes:
+            await self._bus.sample_queue()
+            return await self._shared() if self._shared is not None else render(self._stats)
+
+        def answer(body: bytes) -> None:
             if gone:
                 return
             request.setHeader(b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
-            request.write(render(self._stats))
+            request.write(body)
             request.finish()
 
-        defer.ensureDeferred(self._bus.sample_queue()).addBoth(answer)
+        d = defer.ensureDeferred(text())
+        d.addErrback(lambda _: render(self._stats))  # as before the queue was sampled: this node's own
+        d.addCallback(answer)
         return server.NOT_DONE_YET
 
 
@@ -137,13 +145,22 @@ class _Site(server.Site):
         """No access log line per request: one line per notable event only."""
 
 
-def make_site(bus: Bus, stats: Stats, demo: bool, publish: resource.Resource | None = None) -> server.Site:
-    """The Site of plain HTTP: the demo page at /, the browser client, /healthz, /metrics, C{publish} at /publish."""
+def make_site(
+    bus: Bus,
+    stats: Stats,
+    demo: bool,
+    publish: resource.Resource | None = None,
+    metrics: Callable[[], Awaitable[bytes]] | None = None,
+) -> server.Site:
+    """
+    The Site of plain HTTP: the demo page at /, the browser client, /healthz,
+    /metrics (C{metrics}' text, else this node's), C{publish} at /publish.
+    """
     page: Any = _Static("demo.html", b"text/html; charset=utf-8") if demo else pages.notFound()
     root = _Root(page)
     root.putChild(b"pushservice.js", _Static("pushservice.js", b"application/javascript; charset=utf-8"))
     root.putChild(b"healthz", _Health(bus, stats))
-    root.putChild(b"metrics", _Metrics(bus, stats))
+    root.putChild(b"metrics", _Metrics(bus, stats, metrics))
     if publish is not None:
         root.putChild(b"publish", publish)
     # no idle timer per connection: the router's sweep bounds every plain HTTP connection (--http-timeout)

@@ -38,11 +38,33 @@ class WorkerNode(PushService):
         super().__init__(handoff.config)
         self.handoff = handoff
         self.failed = False
+        self.shared_metrics: Any = None
 
     def _make_stats(self) -> Any:
         stats = super()._make_stats()
         stats.labels = {"worker": str(self.handoff.number)}
         return stats
+
+    def _metrics(self, bus: Any, stats: Any) -> Any:
+        from twisted.internet import reactor
+
+        from .sharedmetrics import SharedMetrics
+
+        handoff = self.handoff
+        self.shared_metrics = SharedMetrics(
+            reactor, bus.request, stats, self.config.queue, handoff.parent_pid, handoff.number, handoff.workers
+        )
+        return self.shared_metrics.render
+
+    def startService(self) -> None:
+        super().startService()
+        if self.shared_metrics is not None:
+            self.shared_metrics.start()
+
+    def stopService(self) -> Any:
+        if self.shared_metrics is not None:
+            self.shared_metrics.stop()
+        return super().stopService()
 
     def _token_verifier(self) -> Any:
         from .auth import TokenVerifier

@@ -155,6 +155,7 @@ class WorkerPool(Service):
             config=self._worker_config,
             sockets=tuple(bound.for_worker(i) for i, bound in enumerate(self._bound)),
             token_secret=self._secret,
+            workers=self.config.workers,
         )
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r", LOG_FD: "r"}
         for i, bound in enumerate(self._bound):

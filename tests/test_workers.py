@@ -35,7 +35,7 @@ from support.processes import (
     wait_port,
 )
 from support.waiting import nothing_more, timed, until, until_sync
-from support.web import http_status, scrape
+from support.web import http_get, http_status, scrape
 from test_ops import make_cert
 
 pytestmark = pytest.mark.slow  # real twistd processes
@@ -82,6 +82,12 @@ def per_worker(url: str, name: str, want: int = 2, tries: int = 200) -> dict[str
     raise AssertionError(f"only workers {sorted(seen)} answered /metrics in {tries} scrapes")
 
 
+def one_scrape(url: str, name: str) -> dict[str, float]:
+    """C{name}'s value by worker label, in one scrape."""
+    scraped = scrape(url)
+    return {dict(labels)["worker"]: value for (metric, labels), value in scraped.labelled.items() if metric == name}
+
+
 async def expect_all(clients: list[Client], texts: list[str]) -> list[list[dict]]:
     """Each client's next messages are exactly C{texts}, in order."""
     got = []
@@ -107,6 +113,16 @@ async def test_two_workers_serve_one_port_every_client_every_message_once(twistd
     connections = per_worker(pool.url, "pushservice_connections")
     assert sorted(connections) == ["1", "2"]
     until_sync(lambda: sum(per_worker(pool.url, "pushservice_connections").values()) == 16, 10, "16 connections")
+    # whichever worker a scrape reaches answers for both: one scrape sees all 16, each family named once
+
+    def both_in_one_scrape() -> bool:
+        counts = one_scrape(pool.url, "pushservice_connections")
+        return counts.keys() == {"1", "2"} and sum(counts.values()) == 16
+
+    until_sync(lambda: all(both_in_one_scrape() for _ in range(6)), 10, "both workers, 16 connections, every scrape")
+    text = http_get(pool.url + "/metrics").body
+    assert text.count("# TYPE pushservice_connections gauge") == 1
+    assert 'pushservice_connections{worker="1"}' in text and 'pushservice_connections{worker="2"}' in text
     for client in clients:
         await client.close()
     assert pool.stop() in CLEAN_EXIT

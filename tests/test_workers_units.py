@@ -78,6 +78,7 @@ def test_handoff_round_trip_keeps_every_field() -> None:
         config=config,
         sockets=(Socket(4, socket.AF_INET, "tcp:8000"), Socket(5, socket.AF_INET6, "ssl:8443", tls, haproxy=True)),
         token_secret=b"\x00s3cr\xffet\n",
+        workers=3,
     )
     back = Handoff.from_json(handoff.to_json())
     assert back == handoff
@@ -155,3 +156,28 @@ def test_worker_pool_pickles_with_its_config_only() -> None:
     pool = makeService(parse("--workers", "2", "--queue", "jobs"))
     back = pickle.loads(pickle.dumps(pool))
     assert isinstance(back, WorkerPool) and back.config == pool.config and back.pids == {}
+
+
+def test_metrics_of_several_workers_merge_into_one_exposition() -> None:
+    """Two workers' /metrics texts become one: each family's HELP and TYPE once, every worker's samples."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pushservice.metrics import Stats, render
+    from pushservice.sharedmetrics import merge
+
+    texts = []
+    for number, connections in (("1", 3), ("2", 5)):
+        stats = Stats()
+        stats.labels = {"worker": number}
+        stats.connections = connections
+        stats.errors["forbidden"] = connections
+        texts.append(render(stats))
+    merged = merge(texts).decode()
+    assert merged.count("# HELP pushservice_connections ") == 1
+    assert merged.count("# TYPE pushservice_errors_total counter") == 1
+    families = {f.name: f for f in text_string_to_metric_families(merged)}
+    by_worker = {s.labels["worker"]: s.value for s in families["pushservice_connections"].samples}
+    assert by_worker == {"1": 3.0, "2": 5.0}
+    errors = {(s.labels["worker"], s.labels["code"]): s.value for s in families["pushservice_errors"].samples}
+    assert errors == {("1", "forbidden"): 3.0, ("2", "forbidden"): 5.0}
+    assert merge([texts[0]]) == texts[0], "one worker's text comes back as it was"
