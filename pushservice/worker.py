@@ -29,6 +29,8 @@ __all__ = ["WorkerNode", "main"]
 _PR_SET_PDEATHSIG = 1
 #: Seconds between checks that the parent still lives (where PR_SET_PDEATHSIG is missing).
 _PARENT_CHECK_SECONDS = 1.0
+#: Seconds between two tries to write log lines the parent did not take.
+_LOG_FLUSH_SECONDS = 0.5
 
 
 class WorkerNode(PushService):
@@ -109,11 +111,14 @@ def _watch_parent(reactor: Any, parent_pid: int, stop: Callable[[], None]) -> No
     LoopingCall(check).start(_PARENT_CHECK_SECONDS, now=False)
 
 
-def _log_to_parent() -> None:
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+def _log_to_parent() -> Any:
+    from twisted.logger import globalLogBeginner
 
-    stream = os.fdopen(LOG_FD, "w", encoding="utf-8", buffering=1)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(stream, recordSeparator="")], redirectStandardIO=False)
+    from .workerprocess import ParentLog
+
+    observer = ParentLog(LOG_FD)
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
+    return observer
 
 
 def _install_reactor(name: str) -> Any:
@@ -145,7 +150,10 @@ def _stop_on_signals(reactor: Any) -> Callable[[], None]:
 def run(handoff: Handoff) -> int:
     """Run one node until SIGTERM (or its parent dies); the exit code."""
     reactor = _install_reactor(handoff.reactor)
-    _log_to_parent()
+    log = _log_to_parent()
+    from twisted.internet.task import LoopingCall
+
+    reactor.callWhenRunning(LoopingCall(log.flush).start, _LOG_FLUSH_SECONDS)
     node = WorkerNode(handoff)
     node.privilegedStartService()
     reactor.callWhenRunning(node.startService)

@@ -1,25 +1,86 @@
 """
-One worker process as the parent sees it: its log events (JSON lines on the
-worker's fd 3) published into the parent's own log, so --logfile, --syslog
-and twistd -n show them like the parent's, each prefixed ``worker N:``; any
-other output (stdout, stderr: a crash before logging began) logged a line at
-a time; and its end reported once.
+The pipe a worker's log goes through, both ends.
+
+In the parent, one worker process as the parent sees it (L{WorkerProcess}):
+its log events (JSON lines on the worker's fd 3) published into the parent's
+own log, so --logfile, --syslog and twistd -n show them like the parent's,
+each prefixed ``worker N:``; any other output (stdout, stderr: a crash
+before logging began) logged a line at a time; and its end reported once.
+
+In the worker, the observer writing those lines (L{ParentLog}): the pipe is
+non-blocking, so a parent that does not read (paused, say) never stops a
+worker's reactor; what cannot be written waits, up to L{MAX_HELD} bytes,
+then lines are dropped and counted, and a line says how many.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import protocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import ILogObserver, Logger, LogLevel, eventAsJSON, eventFromJSON, globalLogPublisher
+from zope.interface import implementer
 
 from .handoff import LOG_FD
 
-__all__ = ["WorkerProcess"]
+__all__ = ["MAX_HELD", "ParentLog", "WorkerProcess"]
 
 #: The longest line kept from a worker; longer ones are cut (a worker cannot make the parent's memory grow).
 MAX_LINE = 1024 * 1024
+#: Bytes of log lines a worker holds while its parent does not read; past them, new lines are dropped.
+MAX_HELD = 256 * 1024
+
+
+@implementer(ILogObserver)
+class ParentLog:
+    """A worker's log observer: its events as JSON lines to the parent, never blocking."""
+
+    def __init__(self, fd: int = LOG_FD) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._held = b""
+        self._lock = threading.Lock()  # observers may be called from any thread
+        #: Lines dropped since the last note of it went out.
+        self.dropped = 0
+
+    def __call__(self, event: Any) -> None:
+        line = (eventAsJSON(event) + "\n").encode("utf-8")
+        with self._lock:
+            if len(self._held) + len(line) > MAX_HELD:
+                self.dropped += 1
+                return
+            self._held += line
+            self._write()
+
+    def flush(self) -> None:
+        """Write what is held, if the parent reads again (called every so often)."""
+        with self._lock:
+            self._write()
+
+    def _write(self) -> None:
+        if self.dropped and len(self._held) < MAX_HELD // 2:
+            note = {
+                "log_format": "dropped {n} log lines while the parent did not read them",
+                "log_level": LogLevel.warn,
+                "log_namespace": "pushservice.worker",
+                "log_time": time.time(),
+                "n": self.dropped,
+            }
+            self._held += (eventAsJSON(note) + "\n").encode("utf-8")
+            self.dropped = 0
+        while self._held:
+            try:
+                written = os.write(self._fd, self._held)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._held = b""  # the parent is gone: nobody will read it
+                return
+            self._held = self._held[written:]
 
 
 class WorkerProcess(protocol.ProcessProtocol):

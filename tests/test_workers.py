@@ -203,6 +203,29 @@ async def test_workers_die_with_a_parent_killed_9(twistd_service, redis_sync):
     await until(lambda: not any(pid_alive(pid) for pid in workers), 20, "workers gone")
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_paused_parent_does_not_stop_its_workers(twistd_service, redis_sync):
+    """Parent SIGSTOPped while workers log thousands of lines: they keep delivering; the dropped lines are counted."""
+    pool = twistd_service("--workers", "2")
+    ready(pool, redis_sync)
+    clients = [await connect(pool.port) for _ in range(4)]
+    assert pool.proc is not None
+    os.kill(pool.proc.pid, signal.SIGSTOP)
+    try:
+        # each undeliverable item is a warning in the log: ~1.5 MB of lines the parent does not read
+        redis_sync.lpush(pool.queue, *[f'{{"content": {i}, "channel": 5}}' for i in range(5000)])
+        texts = [f"after{i}" for i in range(50)]
+        redis_sync.lpush(pool.queue, *texts)
+        await expect_all(clients, texts)
+    finally:
+        os.kill(pool.proc.pid, signal.SIGCONT)
+    until_sync(lambda: "log lines while the parent did not read them" in pool.log(), 10, "the note of dropped lines")
+    assert redis_sync.llen(f"{pool.queue}:dead") == 5000
+    for client in clients:
+        await client.close()
+    assert pool.stop() in CLEAN_EXIT
+
+
 def test_daemon_mode_with_workers(redis_server: RedisServer, queue: str, tmp_path: Path, redis_sync: Any) -> None:
     """twistd --pidfile --logfile (no -n) --workers 2: daemonizes, both workers log to the file; SIGTERM cleans up."""
     port = free_port()

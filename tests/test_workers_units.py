@@ -181,3 +181,45 @@ def test_metrics_of_several_workers_merge_into_one_exposition() -> None:
     errors = {(s.labels["worker"], s.labels["code"]): s.value for s in families["pushservice_errors"].samples}
     assert errors == {("1", "forbidden"): 3.0, ("2", "forbidden"): 5.0}
     assert merge([texts[0]]) == texts[0], "one worker's text comes back as it was"
+
+
+def test_a_worker_whose_parent_does_not_read_its_log_never_blocks() -> None:
+    """A full log pipe (a paused parent): lines wait up to MAX_HELD, then are dropped and counted, nothing blocks."""
+    import os
+
+    from twisted.logger import eventFromJSON
+
+    from pushservice.workerprocess import MAX_HELD, ParentLog
+
+    read_end, write_end = os.pipe()
+    try:
+        log = ParentLog(write_end)
+        event = {"log_format": "line {i} " + "x" * 200, "log_level": None, "log_namespace": "t", "log_time": 1.0}
+        for i in range(5000):  # ~1.2 MB: several times what the pipe and MAX_HELD hold together
+            log({**event, "i": i})
+        assert log.dropped > 0
+        os.set_blocking(read_end, False)
+
+        def drain() -> bytes:
+            out = b""
+            while True:
+                try:
+                    out += os.read(read_end, 1 << 16)
+                except BlockingIOError:
+                    return out
+
+        received = b""
+        for _ in range(100):  # the parent reads again: what waited goes out, then the note of what was dropped
+            received += drain()
+            log.flush()
+        received += drain()
+        lines = received.decode().splitlines()
+        events = [eventFromJSON(line) for line in lines]  # whole lines only, never a cut one
+        numbers = [e["i"] for e in events if "i" in e]
+        assert numbers == list(range(len(numbers))), "what went out went out in order"
+        assert len(received) > MAX_HELD
+        notes = [e for e in events if "dropped" in e.get("log_format", "")]
+        assert len(notes) == 1 and notes[0]["n"] == 5000 - len(numbers)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
