@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import random
+from typing import Any
 
 import pytest
 import pytest_twisted
@@ -95,6 +96,16 @@ async def handshake(port: int, offer: str) -> str | None:
     return response_extensions(client.head or b"")
 
 
+async def pushed_through_websockets(url: str, redis_sync: Any, queue: str, pushed: list[str]) -> tuple[Any, list[Any]]:
+    """A C{websockets} client's negotiated extensions and the contents of C{pushed}, LPUSHed once it connected."""
+
+    def script(recv: Any) -> list[Any]:
+        redis_sync.lpush(queue, *pushed)
+        return [recv()["content"] for _ in pushed]
+
+    return await timed(threads.deferToThread(websockets_session, url, script), 20)
+
+
 @pytest_twisted.ensureDeferred
 @pytest.mark.parametrize("offer", [CHROMIUM, FIREFOX, BOTH_NO_TAKEOVER, CLIENT_WINDOW_10, SERVER_WINDOW_15])
 async def test_offers_of_browsers_and_libraries_are_accepted(node, offer):
@@ -121,12 +132,7 @@ async def test_no_compression_option_declines_every_offer(make_node, queue, redi
     assert await handshake(node.port, CHROMIUM) is None
     url = f"ws://127.0.0.1:{node.port}/"
     pushed = items(4)
-
-    def script(recv):
-        redis_sync.lpush(queue, *pushed)
-        return [recv()["content"] for _ in pushed]
-
-    extensions, got = await timed(threads.deferToThread(websockets_session, url, script), 20)
+    extensions, got = await pushed_through_websockets(url, redis_sync, queue, pushed)
     assert extensions is None and got == [json.loads(i)["content"] for i in pushed]
 
 
@@ -266,12 +272,7 @@ async def test_zip_bomb_is_closed_with_1009_and_others_go_on(make_node, queue, r
     assert bomber.close_code() == 1009
     url = f"ws://127.0.0.1:{node.port}/"
     pushed = items(10)
-
-    def script(recv):
-        redis_sync.lpush(queue, *pushed)
-        return [recv()["content"] for _ in pushed]
-
-    extensions, got = await timed(threads.deferToThread(websockets_session, url, script), 20)
+    extensions, got = await pushed_through_websockets(url, redis_sync, queue, pushed)
     assert extensions is not None and got == [json.loads(i)["content"] for i in pushed]
 
 
