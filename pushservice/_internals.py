@@ -46,18 +46,31 @@ README.rst ("Upgrading the libraries") says how to check a new release.
    has some 25 arguments per step. Saves: about a fifth of a node's Python
    time per message at steady low rates (cProfile of the pipeline-10 bench
    scenario: 75,000 calls of ``_encode_value`` for 1,000 messages).
+8. What Autobahn's ``WebSocketServerProtocol.succeedHandshake`` does after
+   it sent the 101 (``_perMessageCompress``, ``websocket_extensions_in_use``,
+   ``state``, ``inside_message``, ``current_frame``, the auto-ping timer on
+   ``factory._batched_timer`` calling ``_sendAutoPing``, ``_onOpen``,
+   ``is_open``, ``consumeData``). Why: pushservice.handshake answers a
+   plain upgrade from the head the port's router already parsed, and must
+   leave the connection as Autobahn would. Saves: Autobahn's second parse
+   of the head, its URL parsing, the Deferred around ``onConnect`` and its
+   debug lines' arguments, about a third of a handshake's CPU (connect-rate,
+   bench/README.md).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import txaio
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import abstract, tcp
 from twisted.protocols.policies import ProtocolWrapper
 
 __all__ = [
     "TRANSPORT_BUFFER_ATTRIBUTES",
     "encode_command",
+    "open_connection",
     "parse_server_endpoint",
     "protocol_option_names",
     "release_inflater",
@@ -98,6 +111,26 @@ def send_now(transport: Any, data: bytes | memoryview) -> int:
         return transport.socket.send(data)  # type: ignore[no-any-return]
     except OSError:
         return 0  # EAGAIN, or a broken connection that Twisted will find and report
+
+
+def open_connection(protocol: Any, pmce: Any) -> None:
+    """8. Open C{protocol} as Autobahn does once its 101 is sent; C{pmce}: its permessage-deflate, or None."""
+    protocol._perMessageCompress = pmce
+    protocol.websocket_extensions_in_use = [pmce] if pmce is not None else []
+    protocol.websocket_protocol_in_use = None
+    protocol.state = WebSocketProtocol.STATE_OPEN
+    if protocol.openHandshakeTimeoutCall is not None:
+        protocol.openHandshakeTimeoutCall.cancel()
+        protocol.openHandshakeTimeoutCall = None
+    protocol.inside_message = False
+    protocol.current_frame = None
+    if protocol.autoPingInterval:
+        timer = protocol.factory._batched_timer
+        protocol.autoPingPendingCall = timer.call_later(protocol.autoPingInterval, protocol._sendAutoPing)
+    protocol._onOpen()
+    txaio.resolve(protocol.is_open, None)  # type: ignore[attr-defined]
+    if protocol.data:
+        protocol.consumeData()
 
 
 def replace_protocol(transport: Any, successor: Any) -> None:

@@ -33,9 +33,14 @@ FIELDS = (
     b"origin",
     b"last-event-id",
     b"authorization",
+    b"connection",
+    b"sec-websocket-key",
+    b"sec-websocket-version",
+    b"sec-websocket-extensions",
+    b"sec-websocket-protocol",
 )
-#: Fields whose values keep their case (a token); the others are lower-cased.
-CASED = (b"authorization",)
+#: Fields whose values keep their case (a token, a key); the others are lower-cased.
+CASED = (b"authorization", b"sec-websocket-key")
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e]+) (HTTP/[0-9]\.[0-9])\r\n")
@@ -61,6 +66,7 @@ class RequestHead(NamedTuple):
     @ivar fields: the values of the L{FIELDS} present, lower-cased (but the
         L{CASED} ones), by name; a repeated field's values joined with C{", "}.
     @ivar content_length: the declared body length (0 without Content-Length).
+    @ivar repeated: the names of the L{FIELDS} that came more than once.
     """
 
     method: bytes
@@ -68,6 +74,7 @@ class RequestHead(NamedTuple):
     version: bytes
     fields: dict[bytes, bytes]
     content_length: int
+    repeated: frozenset[bytes] = frozenset()
 
     @property
     def path(self) -> bytes:
@@ -104,18 +111,21 @@ def parse_head(data: bytes) -> RequestHead:
             raise HeadError(431, f"more than {MAX_FIELDS} header fields")
         raise HeadError(400, "a header line is not NAME: VALUE (no folding, CRLF only)")
     fields: dict[bytes, bytes] = {}
-    hosts = 0
+    repeated = set()
     lowered = data.lower()  # the same length: bytes.lower() only maps A-Z
     for match in _READ.finditer(lowered, start - 2):
         name = match.group(1)
         value = (data if name in CASED else lowered)[match.start(2) : match.end(2)].strip(b" \t")
-        hosts += name == b"host"
         seen = fields.get(name)
-        fields[name] = value if seen is None else seen + b", " + value
-    if version == b"HTTP/1.1" and hosts != 1:
+        if seen is None:
+            fields[name] = value
+        else:
+            fields[name] = seen + b", " + value
+            repeated.add(name)
+    if version == b"HTTP/1.1" and (b"host" not in fields or b"host" in repeated):
         raise HeadError(400, "an HTTP/1.1 request has exactly one Host field")
     length = fields.get(b"content-length")
     lengths = {n.strip(b" \t") for n in length.split(b",")} if length is not None else {b"0"}
     if len(lengths) > 1 or not all(n.isdigit() and len(n) < 20 for n in lengths):
         raise HeadError(400, "Content-Length is not one number")
-    return RequestHead(method, target, version, fields, int(lengths.pop()))
+    return RequestHead(method, target, version, fields, int(lengths.pop()), frozenset(repeated))

@@ -125,8 +125,10 @@ class Router(protocol.Protocol):
             return self._refuse(404, "WebSocket connections go to /", head)
         if head.method != b"GET":
             return self._refuse(405, "a WebSocket upgrade is a GET", head, (("Allow", "GET"),))
-        # all of the buffer: Autobahn parses the head itself, and frames may follow it
-        self._hand_over(port.websocket.buildProtocol(peer), data, http=False)
+        # all of the buffer: frames may follow the head (answered from C{head}, or by Autobahn)
+        successor: Any = port.websocket.buildProtocol(peer)
+        successor.request_head = head
+        self._hand_over(successor, data, http=False)
 
     def _stream(self, head: RequestHead) -> None:
         if head.method != b"GET":

@@ -23,9 +23,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from . import _internals
+from . import _internals, handshake
 from .auth import AuthError, Grant, normalize_origin
 from .deflate import offer_accept
+from .httphead import RequestHead
 from .limits import AddressLimits, TokenBucket
 from .session import Node, Query, Session
 from .wire import check_channel, parse_offset
@@ -79,6 +80,8 @@ class PushProtocol(WebSocketServerProtocol):
     session: Session | None = None
     #: Set by the port's router: the client address whose slot this connection holds (None: not through it).
     client_address: str | None = None
+    #: Set by the port's router: the request head it parsed (answered from in processHandshake)
+    request_head: RequestHead | None = None
     _bucket: TokenBucket | None = None
     _grant: Grant | None = None
     _query_seen: Query = _NO_QUERY
@@ -86,21 +89,30 @@ class PushProtocol(WebSocketServerProtocol):
     # -- handshake ---------------------------------------------------------
 
     def onConnect(self, request: Any) -> None:
+        self.admit(request.headers.get("origin"), request.params)
+
+    def processHandshake(self) -> None:
+        # a plain upgrade is answered from the head the router parsed; the rest (errors too) by Autobahn
+        head, self.request_head = self.request_head, None
+        if head is None or not handshake.answer(self, head):
+            super().processHandshake()
+
+    def admit(self, origin: str | None, params: dict[str, list[str]]) -> None:
+        """Check the upgrade's origin and query (its token, channels): @raise ConnectionDeny: refused."""
         f = self.factory
-        origin = request.headers.get("origin")
         if origin is not None and not f.origin_allowed(origin):
-            self._log.info("refused {peer}: origin {origin} not allowed", peer=request.peer, origin=origin)
+            self._log.info("refused {peer}: origin {origin} not allowed", peer=self.peer, origin=origin)
             raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "origin not allowed")
         try:
-            query = _query(request.params, f.node.config.max_subscriptions)
+            query = _query(params, f.node.config.max_subscriptions)
         except ValueError as e:
             raise ConnectionDeny(ConnectionDeny.BAD_REQUEST, str(e)) from None
-        token = request.params.get("token", [None])[-1]
+        token = params.get("token", [None])[-1]
         if token is not None:
             try:
                 self._grant = f.node.verify(token)
             except AuthError as e:
-                self._log.info("refused {peer}: {why}", peer=request.peer, why=e)
+                self._log.info("refused {peer}: {why}", peer=self.peer, why=e)
                 raise ConnectionDeny(ConnectionDeny.FORBIDDEN, "invalid token") from None
         # without a token yet (required, or announced with auth=1) the channels are checked with the auth frame
         if self._grant is not None or not (f.node.config.require_token or query.auth_frame):

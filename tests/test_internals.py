@@ -144,3 +144,36 @@ def test_command_encoding_matches_txredisapi():
         assert subscriber_protocol()(charset=None)._build_command(*args) == reference._build_command(*args)
     with pytest.raises(txredisapi.InvalidData):
         _internals.encode_command(("SET", "k", "\ud800"))
+
+
+def test_autobahn_opens_a_connection_as_open_connection_does():
+    """8. What succeedHandshake does after sending its 101 is what open_connection repeats, statement for statement."""
+    source = inspect.getsource(WebSocketServerProtocol.succeedHandshake)
+    after = source.split('self.sendData(response.encode("utf8"))', 1)[1]
+    statements = [
+        line.strip()
+        for line in after.splitlines()
+        if line.strip() and not line.strip().startswith(("#", "self.log.debug(", '"', ")"))
+    ]
+    assert statements == [
+        "self.http_response_data = response",  # a handshake leftover: onOpen clears it
+        "self.state = WebSocketProtocol.STATE_OPEN",
+        "if self.openHandshakeTimeoutCall is not None:",
+        "self.openHandshakeTimeoutCall.cancel()",
+        "self.openHandshakeTimeoutCall = None",
+        "self.inside_message = False",
+        "self.current_frame = None",
+        "if self.autoPingInterval:",
+        "self.autoPingPendingCall = self.factory._batched_timer.call_later(",
+        "self.autoPingInterval,",
+        "self._sendAutoPing,",
+        "if self.trackedTimings:",  # off: pushservice never tracks timings
+        'self.trackedTimings.track("onOpen")',
+        "self._onOpen()",
+        "txaio.resolve(self.is_open, None)",
+        "if len(self.data) > 0:",
+        "self.consumeData()",
+    ], statements
+    before = source.split('self.sendData(response.encode("utf8"))', 1)[0]
+    assert "self._perMessageCompress = PMCE" in before and "self.websocket_extensions_in_use = []" in before
+    assert "self.websocket_protocol_in_use = protocol" in before
