@@ -161,6 +161,11 @@ def _check_secret(path: str) -> None:
 def makeService(options: Options):  # type: ignore[no-untyped-def]
     """Build the service from parsed options (twistd calls this): the node, or with --workers > 1 their parent."""
     assert options.config is not None
+    from twisted.internet import reactor
+
+    from .gctune import tune
+
+    tune(reactor)
     if options.config.workers > 1:
         from .workers import WorkerPool
 

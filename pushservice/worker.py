@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from .gctune import tune
 from .handoff import LOG_FD, Handoff
 from .service import PushService
 
@@ -150,6 +151,7 @@ def _stop_on_signals(reactor: Any) -> Callable[[], None]:
 def run(handoff: Handoff) -> int:
     """Run one node until SIGTERM (or its parent dies); the exit code."""
     reactor = _install_reactor(handoff.reactor)
+    tune(reactor)
     log = _log_to_parent()
     from twisted.internet.task import LoopingCall
 
