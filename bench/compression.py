@@ -40,6 +40,9 @@ class CountingSink:
         self.bytes += len(data)
         return len(data)
 
+    def direct_socket(self) -> None:
+        return None  # no socket: every share goes through send_now
+
     def queued(self) -> int:
         return 0
 

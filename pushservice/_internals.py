@@ -69,6 +69,7 @@ from twisted.protocols.policies import ProtocolWrapper
 
 __all__ = [
     "TRANSPORT_BUFFER_ATTRIBUTES",
+    "direct_socket",
     "encode_command",
     "open_connection",
     "parse_server_endpoint",
@@ -131,6 +132,19 @@ def open_connection(protocol: Any, pmce: Any) -> None:
     txaio.resolve(protocol.is_open, None)  # type: ignore[attr-defined]
     if protocol.data:
         protocol.consumeData()
+
+
+def direct_socket(transport: Any) -> Any:
+    """1. A TCP transport's socket if nothing is queued before what would be sent to it now, else None."""
+    if (
+        not isinstance(transport, tcp.Connection)
+        or transport._tempDataLen
+        or transport.offset != len(transport.dataBuffer)
+        or not transport.connected
+        or transport.disconnecting
+    ):
+        return None
+    return transport.socket
 
 
 def replace_protocol(transport: Any, successor: Any) -> None:

@@ -118,6 +118,9 @@ class EventStream(protocol.Protocol):
     def queued(self) -> int:
         return _internals.transport_queued(self.transport)
 
+    def direct_socket(self) -> None:
+        return None  # every write is re-encoded
+
     def write(self, data: bytes) -> None:
         if not self._ended:
             events = self._events.feed(data)

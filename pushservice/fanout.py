@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter
+from socket import socket
 from time import perf_counter
 from typing import Protocol
 
@@ -33,6 +36,9 @@ CHECK_EVERY = 128
 #: size; a bigger share is read from history instead (no per-connection copy).
 SHARE_LIMIT = 64 * 1024
 
+_DIRECT = attrgetter("outbox.direct")
+_SEND = socket.send
+
 
 class Peer(Protocol):
     """What the hub and the fan-out need of a connection."""
@@ -55,6 +61,18 @@ class _Batch:
     shares: dict[Peer, tuple[bytes, int] | None] | None  # ...or each peer's (None: too big, catch up)
     messages: list[Message]
     packed: bytes | None = None  # the broadcast blob compressed, once a compressing peer needed it
+    written: int = 0  # peers[:written] have been handed their share (or skipped)
+    _index: dict[Peer, int] | None = None
+
+    def done_with(self, peer: Peer) -> bool:
+        """Whether C{peer}'s share of this batch was handed to it (or it was skipped)."""
+        if peer.outbox.batch_done == self.id:
+            return True
+        if self.shares is not None:
+            return peer not in self.shares
+        if self._index is None:  # made only when asked during a batch written over several turns
+            self._index = {p: i for i, p in enumerate(self.peers)}
+        return self._index.get(peer, -1) < self.written
 
 
 class FanOut:
@@ -88,13 +106,7 @@ class FanOut:
     def pending_from(self, peer: Peer) -> int | None:
         """The first history index of the half-written batch if C{peer}'s share of it is not written yet."""
         batch, outbox = self._inflight, peer.outbox
-        if (
-            batch is not None
-            and outbox.live
-            and outbox.caught_up_to < batch.first
-            and outbox.batch_done != batch.id
-            and (batch.shares is None or peer in batch.shares)
-        ):
+        if batch is not None and outbox.live and outbox.caught_up_to < batch.first and not batch.done_with(peer):
             return batch.first
         return None
 
@@ -142,6 +154,7 @@ class FanOut:
         while end < stop:
             end, begin = min(end + CHECK_EVERY, stop), end
             self._write_peers(batch, begin, end)
+            batch.written = end
             if perf_counter() >= deadline:
                 break
         if end < len(peers):
@@ -152,8 +165,19 @@ class FanOut:
 
     def _write_peers(self, batch: _Batch, start: int, end: int) -> None:
         first, bid, blob, shares = batch.first, batch.id, batch.blob, batch.shares
+        peers = batch.peers[start:end]
         written = count = size = packed = 0
-        for peer in batch.peers[start:end]:
+        if blob is not None:
+            # the connections that take broadcasts straight to their socket, in one C-level loop
+            sockets = list(map(_DIRECT, peers))
+            if None in sockets:
+                direct = [p for p, s in zip(peers, sockets) if s is not None]
+                peers = [p for p, s in zip(peers, sockets) if s is None]
+                sockets = list(filter(None, sockets))
+            else:
+                direct, peers = peers, []
+            written = self._send_direct(direct, sockets, blob, bid)
+        for peer in peers:
             outbox = peer.outbox
             # skipped: not live (it catches up from history), or it already caught up past this batch
             if not outbox.live or outbox.caught_up_to >= first or outbox.batch_done == bid:
@@ -182,3 +206,19 @@ class FanOut:
         if blob is not None:
             count, size = (written + packed) * batch.count, written * len(blob) + packed * len(batch.packed or b"")
         self._stats.delivered(count, size)
+
+    @staticmethod
+    def _send_direct(peers: list[Peer], sockets: list[socket], blob: bytes, bid: int) -> int:
+        """Send C{blob} to each of C{sockets} (of C{peers}); what a socket did not take goes to its outbox."""
+        taken: list[int] = []
+        while len(taken) < len(sockets):
+            try:
+                taken.extend(map(_SEND, sockets[len(taken) :] if taken else sockets, repeat(blob)))
+            except OSError:
+                taken.append(0)  # EAGAIN, or a broken connection that Twisted will find and report
+        if taken.count(len(blob)) != len(taken):
+            for peer, sent in zip(peers, taken):
+                if sent != len(blob):
+                    peer.outbox.batch_done = bid  # handed its share: a pause while queuing the rest must know
+                    peer.outbox.rest(blob, sent)
+        return len(sockets)

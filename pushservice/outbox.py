@@ -53,6 +53,9 @@ class Sink(Protocol):
     def drop_slow(self, why: str) -> None:
         """Close the connection as a slow consumer."""
 
+    def direct_socket(self) -> Any:
+        """The socket the fan-out may write to itself while nothing else is written (None: never)."""
+
 
 @dataclass
 class _Range:
@@ -69,7 +72,7 @@ class Outbox:
     # one per connection: slots, and the queue and floors only while there are any (memory per connection)
     __slots__ = tuple(
         "_peer _sink _hub _clock _limit _queue _backlog _pumping _closed "
-        "live paused paused_at cursor caught_up_to batch_done deflate".split()
+        "live paused paused_at cursor caught_up_to batch_done deflate direct".split()
     )
 
     def __init__(
@@ -96,6 +99,10 @@ class Outbox:
         self.batch_done = -1
         #: It negotiated permessage-deflate: messages go to it as their compressed frames (pushservice.deflate).
         self.deflate = deflate
+        #: The socket the fan-out writes broadcasts to itself, with no call into this outbox: set
+        #: after a share of a batch went whole to the socket, cleared by anything that could put
+        #: bytes ahead of the next one (a queued write, a pause, falling behind, closing).
+        self.direct: Any = None
 
     # -- from the hub ------------------------------------------------------------
 
@@ -104,6 +111,12 @@ class Outbox:
         sent = self._sink.send_now(data)  # live, so not paused
         if sent != len(data):
             self._keep_first(self._write_rest(data, sent))
+        elif not self.deflate:
+            self.direct = self._sink.direct_socket()
+
+    def rest(self, data: bytes, sent: int) -> None:
+        """The socket took only C{sent} bytes of C{data}, this connection's share of a batch: queue the rest."""
+        self._keep_first(self._write_rest(data, sent))
 
     def send(self, data: bytes) -> None:
         """A reply or notice: now, or after what is already queued."""
@@ -115,6 +128,7 @@ class Outbox:
 
     def behind(self, position: int) -> None:
         """Stop being live; catch up from the message after history index C{position}."""
+        self.direct = None
         if self.live:
             self.live = False
             self.cursor = position + 1
@@ -137,6 +151,7 @@ class Outbox:
 
     def close(self) -> None:
         self._closed = True
+        self.direct = None
         self.live = False  # a batch being written skips it
         self._queue = None
         if self._pumping is not None and self._pumping.active():
@@ -146,6 +161,7 @@ class Outbox:
     # -- from the transport (IPushProducer, through the connection) ------------
 
     def pause(self) -> None:
+        self.direct = None
         self.paused = True
         self.paused_at = self._clock.seconds()
         self._hub.paused(self, True)
@@ -172,6 +188,7 @@ class Outbox:
     def _write_rest(self, data: bytes | memoryview, sent: int) -> memoryview | None:
         """What the socket did not take of C{data}: to the transport up to the limit; the rest, if any."""
         sink = self._sink
+        self.direct = None  # bytes wait in the transport: nothing may pass them
         rest = memoryview(data)[sent:]
         room = self._limit - sink.queued()
         if len(rest) <= room:
@@ -191,6 +208,7 @@ class Outbox:
             self.behind(self._hub.position_of(self._peer))
 
     def _enqueue(self, item: bytes | memoryview | _Range, front: bool = False) -> None:
+        self.direct = None
         if self._queue is None:
             self._queue = deque()
         if front:

@@ -85,6 +85,7 @@ class PushProtocol(WebSocketServerProtocol):
     _bucket: TokenBucket | None = None
     _grant: Grant | None = None
     _query_seen: Query = _NO_QUERY
+    _state: int = WebSocketProtocol.STATE_CLOSED
 
     # -- handshake ---------------------------------------------------------
 
@@ -157,6 +158,9 @@ class PushProtocol(WebSocketServerProtocol):
             return len(data)  # closing: nothing more goes out
         return _internals.send_now(self.transport, data)
 
+    def direct_socket(self) -> Any:
+        return _internals.direct_socket(self.transport) if self.state == _OPEN else None
+
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Autobahn's own writes (handshake response, replies, pings, close) go straight to
         # the socket when nothing waits before them, like the fan-out's: no write registration
@@ -165,7 +169,20 @@ class PushProtocol(WebSocketServerProtocol):
             if sent == len(data):
                 return
             data = data[sent:]
+        if self.session is not None:
+            self.session.outbox.direct = None  # bytes wait in the transport: the fan-out may not pass them
         super().sendData(data, sync, chopsize)
+
+    @property  # type: ignore[override]
+    def state(self) -> int:
+        """Autobahn's connection state; leaving OPEN stops the fan-out writing to the socket itself."""
+        return self._state
+
+    @state.setter
+    def state(self, state: int) -> None:
+        self._state = state
+        if state != _OPEN and self.session is not None:
+            self.session.outbox.direct = None
 
     def queued(self) -> int:
         return _internals.transport_queued(self.transport)

@@ -79,7 +79,12 @@ UNUSUAL: list[tuple[str, tuple[str, ...], dict[str, Any]]] = [
     ("http/1.0", (), {"version": "HTTP/1.0"}),
     (
         "no connection upgrade",
-        ("Upgrade: websocket", "Connection: keep-alive", f"Sec-WebSocket-Key: {KEY.decode()}", "Sec-WebSocket-Version: 13"),
+        (
+            "Upgrade: websocket",
+            "Connection: keep-alive",
+            f"Sec-WebSocket-Key: {KEY.decode()}",
+            "Sec-WebSocket-Version: 13",
+        ),
         {"standard": False},
     ),
     (

@@ -47,6 +47,9 @@ class SimulatedConnection:
         self.writes += 1
         return taken
 
+    def direct_socket(self) -> None:
+        return None  # no socket: every share goes through send_now
+
     def queued(self) -> int:
         return len(self.buffer)
 

@@ -424,3 +424,27 @@ def test_readme_documents_every_option() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.rst").read_text()
     for name in [o.name for o in OPTIONS] + [n for n, *_ in FLAGS] + ["listen", "config"]:
         assert f"``--{name}``" in readme, name
+
+
+def test_makeservice_tunes_the_collector_and_freezes_startup_objects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """twistd's entry sets the young-generation threshold at once, and freezes once the reactor runs."""
+    import gc
+
+    from twisted.internet import reactor
+
+    from pushservice import gctune, tap
+
+    started: list[object] = []
+    monkeypatch.setattr(reactor, "callWhenRunning", lambda f, *a, **kw: started.append(f))
+    thresholds = gc.get_threshold()
+    options = Options()
+    options.parseOptions(["--redis", "redis://127.0.0.1:1/0"])
+    try:
+        tap.makeService(options)
+        assert gc.get_threshold()[0] == gctune.YOUNG and len(started) == 1
+        frozen = gc.get_freeze_count()
+        started[0]()  # type: ignore[operator]
+        assert gc.get_freeze_count() > frozen
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*thresholds)

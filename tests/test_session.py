@@ -66,6 +66,9 @@ class RecordingConnection:
         self._buffer += data
         return len(data)
 
+    def direct_socket(self) -> None:
+        return None  # no socket: every share goes through send_now
+
     def queued(self) -> int:
         return 0
 
