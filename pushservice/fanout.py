@@ -12,7 +12,7 @@ from itertools import repeat
 from operator import attrgetter
 from socket import socket
 from time import perf_counter
-from typing import Protocol
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -37,7 +37,22 @@ CHECK_EVERY = 128
 SHARE_LIMIT = 64 * 1024
 
 _DIRECT = attrgetter("outbox.direct")
+_DEFLATE = attrgetter("outbox.deflate")
 _SEND = socket.send
+
+
+def _split(
+    peers: list[Peer], sockets: list[Any], keep: list[bool] | None
+) -> tuple[list[Peer], list[Any], list[Peer], list[Any]]:
+    """C{peers} and their C{sockets} where C{keep} is true, then where it is false (None: all kept)."""
+    if keep is None:
+        return peers, sockets, [], []
+    return (
+        [p for p, k in zip(peers, keep) if k],
+        [s for s, k in zip(sockets, keep) if k],
+        [p for p, k in zip(peers, keep) if not k],
+        [s for s, k in zip(sockets, keep) if not k],
+    )
 
 
 class Peer(Protocol):
@@ -168,14 +183,16 @@ class FanOut:
         peers = batch.peers[start:end]
         written = count = size = packed = 0
         if blob is not None:
-            # the connections that take broadcasts straight to their socket, in one C-level loop
+            # the connections that take broadcasts straight to their socket, in one C-level loop each
             sockets = list(map(_DIRECT, peers))
-            if None in sockets:
-                direct = [p for p, s in zip(peers, sockets) if s is not None]
-                peers = [p for p, s in zip(peers, sockets) if s is None]
-                sockets = list(filter(None, sockets))
-            else:
-                direct, peers = peers, []
+            direct, sockets, peers, _ = _split(
+                peers, sockets, [s is not None for s in sockets] if None in sockets else None
+            )
+            compressing = list(map(_DEFLATE, direct))
+            if True in compressing:
+                batch.packed = batch.packed or deflated_join(batch.messages)
+                direct, sockets, deflating, packed_sockets = _split(direct, sockets, [not c for c in compressing])
+                packed = self._send_direct(deflating, packed_sockets, batch.packed, bid)
             written = self._send_direct(direct, sockets, blob, bid)
         for peer in peers:
             outbox = peer.outbox

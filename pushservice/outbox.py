@@ -111,7 +111,7 @@ class Outbox:
         sent = self._sink.send_now(data)  # live, so not paused
         if sent != len(data):
             self._keep_first(self._write_rest(data, sent))
-        elif not self.deflate:
+        else:
             self.direct = self._sink.direct_socket()
 
     def rest(self, data: bytes, sent: int) -> None:
