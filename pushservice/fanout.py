@@ -71,11 +71,11 @@ class _Batch:
     first: int  # history indices of its messages
     last: int
     peers: list[Peer]
-    blob: bytes | None  # the shared write of a broadcast batch...
+    blob: bytes | None  # the shared write of a batch for one audience (everyone, a channel, a user)...
     count: int
     shares: dict[Peer, tuple[bytes, int] | None] | None  # ...or each peer's (None: too big, catch up)
     messages: list[Message]
-    packed: bytes | None = None  # the broadcast blob compressed, once a compressing peer needed it
+    packed: bytes | None = None  # the shared blob compressed, once a compressing peer needed it
     written: int = 0  # peers[:written] have been handed their share (or skipped)
     _index: dict[Peer, int] | None = None
 
@@ -111,9 +111,10 @@ class FanOut:
         then, and everything that arrived meanwhile comes as one batch.
         """
         self._batches += 1
-        if all(m.channel is None and m.user is None for m in batch):
-            blob = batch[0].frame if len(batch) == 1 else b"".join(m.frame for m in batch)
-            peers = list(self._targets(batch[0]))
+        head = batch[0]
+        if all(m.channel == head.channel and m.user == head.user for m in batch):  # one audience: one blob
+            blob = head.frame if len(batch) == 1 else b"".join(m.frame for m in batch)
+            peers = list(self._targets(head))
             return self._write(_Batch(self._batches, first, last, peers, blob, len(batch), None, batch))
         shares = self._shares(batch)
         return self._write(_Batch(self._batches, first, last, list(shares), None, 0, shares, batch))
@@ -183,7 +184,7 @@ class FanOut:
         peers = batch.peers[start:end]
         written = count = size = packed = 0
         if blob is not None:
-            # the connections that take broadcasts straight to their socket, in one C-level loop each
+            # the connections that take the shared blob straight to their socket, in one C-level loop each
             sockets = list(map(_DIRECT, peers))
             direct, sockets, peers, _ = _split(
                 peers, sockets, [s is not None for s in sockets] if None in sockets else None

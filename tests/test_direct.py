@@ -219,3 +219,34 @@ def test_a_connection_not_yet_written_in_a_half_written_broadcast_catches_it_up_
         assert got[conn] + conn.numbers() == [1, 2, 3, 4], (conns.index(conn), got[conn])
         conn.sock.close()
         conn.client.close()
+
+
+def test_a_batch_for_one_channel_goes_straight_to_its_subscribers_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_hub import make_hub, msg, run
+
+    hub, clock = make_hub()
+    conns = [_SocketConnection(hub, clock) for _ in range(6)]
+    for conn in conns:
+        hub.add(conn)
+    for conn in conns[:3]:
+        hub.subscribe(conn, "news")
+    hub.deliver([msg(1)])
+    run(clock)
+    assert all(c.outbox.direct is c.sock for c in conns)
+    sends: list[int] = []
+    real = FanOut._send_direct
+
+    def counted(peers: list[Any], sockets: list[Any], blob: bytes, bid: int) -> int:
+        sends.append(len(sockets))
+        return real(peers, sockets, blob, bid)
+
+    monkeypatch.setattr(FanOut, "_send_direct", staticmethod(counted))
+    hub.deliver([msg(2, "news"), msg(3, "news")])
+    hub.deliver([msg(4, "other")])
+    hub.deliver([msg(5, "news"), msg(6)])  # two audiences: each connection's share through its outbox
+    run(clock)
+    assert sends == [3, 0]
+    for conn in conns:
+        assert conn.numbers() == ([1, 2, 3, 5, 6] if conn in conns[:3] else [1, 6])
+        conn.sock.close()
+        conn.client.close()
