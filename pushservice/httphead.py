@@ -89,7 +89,9 @@ class RequestHead(NamedTuple):
     def wants_websocket(self) -> bool:
         """The one rule for a WebSocket upgrade: an Upgrade field that names websocket."""
         upgrade = self.fields.get(b"upgrade")
-        return upgrade is not None and any(p.strip(b" \t") == b"websocket" for p in upgrade.split(b","))
+        if upgrade is None or upgrade == b"websocket":  # (the field is lower-cased) no field, or the usual one
+            return upgrade is not None
+        return any(p.strip(b" \t") == b"websocket" for p in upgrade.split(b","))
 
 
 def parse_head(data: bytes) -> RequestHead:
