@@ -100,16 +100,11 @@ def send_now(transport: Any, data: bytes | memoryview) -> int:
     1. Write to a TCP transport's socket directly when nothing is queued
     before C{data}; the bytes the socket took (0: use C{transport.write}).
     """
-    if (
-        not isinstance(transport, tcp.Connection)
-        or transport._tempDataLen
-        or transport.offset != len(transport.dataBuffer)
-        or not transport.connected
-        or transport.disconnecting
-    ):
+    sock = direct_socket(transport)
+    if sock is None:
         return 0
     try:
-        return transport.socket.send(data)  # type: ignore[no-any-return]
+        return sock.send(data)  # type: ignore[no-any-return]
     except OSError:
         return 0  # EAGAIN, or a broken connection that Twisted will find and report
 

@@ -238,5 +238,5 @@ class FanOut:
             for peer, sent in zip(peers, taken):
                 if sent != len(blob):
                     peer.outbox.batch_done = bid  # handed its share: a pause while queuing the rest must know
-                    peer.outbox.rest(blob, sent)
+                    peer.outbox.offer(blob, sent)
         return len(sockets)

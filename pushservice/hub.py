@@ -199,7 +199,7 @@ class Hub:
 
     def skip_until(self, peer: Peer, offset: Offset, channel: str | None) -> None:
         """C{peer} saw messages up to C{offset} (of C{channel}, or all) on a node ahead of this one."""
-        peer.outbox.skip_until(offset, channel)
+        peer.outbox.backlog().skip_until(offset, channel)
         peer.outbox.behind(self.position_of(peer))
 
     # -- slow connections ------------------------------------------------------

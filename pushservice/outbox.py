@@ -25,7 +25,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 from twisted.internet.interfaces import IReactorTime
 
 from .backlog import Backlog
-from .wire import Offset
 
 if TYPE_CHECKING:
     from .hub import Hub, Peer
@@ -67,9 +66,8 @@ class _Range:
 
 
 class Outbox:
-    """The output side of one connection: live writes, or its place in history and a catch-up."""
+    """One connection's output: live writes, or its place in history and a catch-up (slots: memory per connection)."""
 
-    # one per connection: slots, and the queue and floors only while there are any (memory per connection)
     __slots__ = tuple(
         "_peer _sink _hub _clock _limit _queue _backlog _pumping _closed "
         "live paused paused_at cursor caught_up_to batch_done deflate direct".split()
@@ -99,24 +97,19 @@ class Outbox:
         self.batch_done = -1
         #: It negotiated permessage-deflate: messages go to it as their compressed frames (pushservice.deflate).
         self.deflate = deflate
-        #: The socket the fan-out writes broadcasts to itself, with no call into this outbox: set
-        #: after a share of a batch went whole to the socket, cleared by anything that could put
-        #: bytes ahead of the next one (a queued write, a pause, falling behind, closing).
+        #: The socket the fan-out writes shares to itself: set when one went whole, cleared by what could pass it.
         self.direct: Any = None
 
     # -- from the hub ------------------------------------------------------------
 
-    def offer(self, data: bytes) -> None:
-        """A live connection's share of a batch (counted by the caller): straight to the socket if it takes it."""
-        sent = self._sink.send_now(data)  # live, so not paused
+    def offer(self, data: bytes, sent: int | None = None) -> None:
+        """A live connection's share of a batch (counted by the caller): to the socket, the rest queued."""
+        if sent is None:
+            sent = self._sink.send_now(data)  # live, so not paused (C{sent}: the fan-out sent it already)
         if sent != len(data):
             self._keep_first(self._write_rest(data, sent))
         else:
             self.direct = self._sink.direct_socket()
-
-    def rest(self, data: bytes, sent: int) -> None:
-        """The socket took only C{sent} bytes of C{data}, this connection's share of a batch: queue the rest."""
-        self._keep_first(self._write_rest(data, sent))
 
     def send(self, data: bytes) -> None:
         """A reply or notice: now, or after what is already queued."""
@@ -124,7 +117,7 @@ class Outbox:
             self._keep_first(self._write(data))
         else:
             self._enqueue(data)
-            self._schedule()
+            self.wake()
 
     def behind(self, position: int) -> None:
         """Stop being live; catch up from the message after history index C{position}."""
@@ -132,19 +125,16 @@ class Outbox:
         if self.live:
             self.live = False
             self.cursor = position + 1
-        self._schedule()
+        self.wake()
 
     def replay(self, start: int, end: int, channel: str) -> None:
         """Queue the history messages of C{channel} from index C{start} to C{end}, before the rest."""
         if start <= end:
             self._enqueue(_Range(start, end, channel))
-        self._schedule()
+        self.wake()
 
-    def skip_until(self, offset: Offset, channel: str | None = None) -> None:
-        """Leave out messages up to C{offset} (of C{channel}, or all): a client that saw them on a node ahead."""
-        self._reader().skip_until(offset, channel)
-
-    def _reader(self) -> Backlog:
+    def backlog(self) -> Backlog:
+        """What this connection reads from history while it catches up (made when first needed)."""
         if self._backlog is None:
             self._backlog = Backlog(self._hub, self._peer, self.deflate)
         return self._backlog
@@ -161,7 +151,6 @@ class Outbox:
     # -- from the transport (IPushProducer, through the connection) ------------
 
     def pause(self) -> None:
-        self.direct = None
         self.paused = True
         self.paused_at = self._clock.seconds()
         self._hub.paused(self, True)
@@ -171,7 +160,7 @@ class Outbox:
     def resume(self) -> None:
         self.paused = False
         self._hub.paused(self, False)
-        self._schedule()
+        self.wake()
 
     def check(self, now: float, max_paused: float) -> None:
         """Drop the connection if it has taken nothing for longer than C{max_paused} seconds."""
@@ -208,7 +197,6 @@ class Outbox:
             self.behind(self._hub.position_of(self._peer))
 
     def _enqueue(self, item: bytes | memoryview | _Range, front: bool = False) -> None:
-        self.direct = None
         if self._queue is None:
             self._queue = deque()
         if front:
@@ -222,12 +210,10 @@ class Outbox:
         if not self._queue:
             self._queue = None  # an empty deque is 760 bytes; most connections never queue anything
 
-    def _schedule(self) -> None:
+    def wake(self) -> None:
+        """Pump in the next reactor turn (the log moved on, a write was queued, the socket drained)."""
         if self._pumping is None and not self.paused and not self._closed:
             self._pumping = self._clock.callLater(0, self._pump)
-
-    #: The log moved on: a connection waiting for it catches up.
-    wake = _schedule
 
     def _pump(self) -> None:
         """Write what is queued, then catch up from history, until paused or a turn's worth is written."""
@@ -238,10 +224,8 @@ class Outbox:
             if piece is None:
                 return
             budget -= len(piece)
-            rest = self._write(piece)
-            if rest is not None:
-                self._enqueue(rest, front=True)
-        self._schedule()
+            self._keep_first(self._write(piece))  # the unsent rest goes first
+        self.wake()
 
     def _next_piece(self) -> bytes | memoryview | None:
         """The next bytes to write: queued data, a replay piece, a catch-up piece; None when caught up."""
@@ -254,7 +238,7 @@ class Outbox:
             if head.start < history.first:
                 self._drop("fell behind the history window")
                 return None
-            head.start, piece = self._reader().gather(head.start, head.end, head.channel)
+            head.start, piece = self.backlog().gather(head.start, head.end, head.channel)
             if head.start > head.end:
                 self._dequeue()
             if piece:
@@ -267,7 +251,7 @@ class Outbox:
         if self.cursor >= history.next:
             self._caught_up()
             return None
-        self.cursor, piece = self._reader().gather(self.cursor, history.last, None)
+        self.cursor, piece = self.backlog().gather(self.cursor, history.last, None)
         return piece if piece else self._next_piece()
 
     def _caught_up(self) -> None:
