@@ -17,9 +17,10 @@ from typing import Any
 
 import pytest
 import pytest_twisted
+from support.clients import token
 from support.deflating import inflate, read_frames, slow_reader
-from support.raw import blocking_upgrade, raw_ws, upgrade_request
-from support.waiting import timed, until
+from support.raw import blocking_upgrade, raw, raw_ws, upgrade_request
+from support.waiting import sleep, timed, until
 from twisted.internet import threads
 
 from pushservice import fanout
@@ -252,3 +253,24 @@ def test_a_batch_for_one_channel_goes_straight_to_its_subscribers_only(monkeypat
         assert conn.numbers() == ([1, 2, 3, 5, 6] if conn in conns[:3] else [1, 6])
         conn.sock.close()
         conn.client.close()
+
+
+@pytest.mark.slow
+@pytest_twisted.ensureDeferred
+async def test_no_message_follows_the_servers_close_frame(make_node: Any, queue: str, redis_sync: Any, secret_file: str) -> None:
+    """A connection the server closes (its token expired) gets nothing after its close frame, while it
+    does not answer the close and broadcasts keep coming: leaving OPEN ends the fan-out's own writes."""
+    node = await make_node(queue, token_secret_file=secret_file)
+    r = await raw(node.port)
+    r.send(upgrade_request(node.port, "/?token=" + token("alice", ttl=1.5)))
+    await until(lambda: r.head is not None, what="the handshake")
+    assert r.status == 101
+    redis_sync.lpush(queue, "warm")
+    await until(lambda: len(r.json_frames()) >= 1, what="the warm-up")
+    for n in range(40):  # 2 s of broadcasts, through the expiry at 1.5 s
+        redis_sync.lpush(queue, f"m{n}")
+        await sleep(0.05)
+    await until(lambda: any(op == 8 for op, _ in r.frames), what="the close frame")
+    opcodes = [op for op, _ in r.frames]
+    assert opcodes.index(8) == len(opcodes) - 1, opcodes  # the close frame is the last thing sent
+    assert r.close_code() == 4003 and len(r.json_frames()) > 5
