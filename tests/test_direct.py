@@ -257,7 +257,9 @@ def test_a_batch_for_one_channel_goes_straight_to_its_subscribers_only(monkeypat
 
 @pytest.mark.slow
 @pytest_twisted.ensureDeferred
-async def test_no_message_follows_the_servers_close_frame(make_node: Any, queue: str, redis_sync: Any, secret_file: str) -> None:
+async def test_no_message_follows_the_servers_close_frame(
+    make_node: Any, queue: str, redis_sync: Any, secret_file: str
+) -> None:
     """A connection the server closes (its token expired) gets nothing after its close frame, while it
     does not answer the close and broadcasts keep coming: leaving OPEN ends the fan-out's own writes."""
     node = await make_node(queue, token_secret_file=secret_file)
