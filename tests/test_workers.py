@@ -157,8 +157,10 @@ async def test_killed_worker_is_replaced_and_its_clients_resume_with_since(twist
         got = await client.messages(len(during), 30)
         assert [f["content"] for f in got] == during
 
-    until_sync(lambda: len(children(pool.proc.pid)) == 2, 30, f"a new worker\n{pool.log()}")
-    assert worker_pid(pool.log(), int(victim)) != pid
+    def replaced() -> bool:  # a child at once, and in the log a moment later: wait for both
+        return len(children(pool.proc.pid)) == 2 and worker_pid(pool.log(), int(victim)) != pid
+
+    until_sync(replaced, 30, f"a new worker\n{pool.log()}")
     assert f"worker {victim} (pid {pid}) was killed by signal 9" in pool.log()
     last = [f"c{i}" for i in range(50)]
     redis_sync.lpush(pool.queue, *last)
