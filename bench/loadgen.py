@@ -44,6 +44,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import socket
 import struct
 import sys
@@ -131,6 +132,29 @@ TIMESPEC = struct.Struct("qq")
 RECV_SIZE = 65536          # below malloc's mmap threshold
 ANC_SIZE = socket.CMSG_SPACE(16)
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+READER_C = os.path.join(HERE, "reader.c")
+
+
+def build_reader():
+    """Compile bench/reader.c (once per version of its source) and return the
+    executable's path, or None when no C compiler is at hand."""
+    import subprocess
+    import tempfile
+    with open(READER_C, "rb") as f:
+        tag = hashlib.sha1(f.read()).hexdigest()[:12]
+    exe = os.path.join(tempfile.gettempdir(), "pushbench-reader-" + tag)
+    if os.path.exists(exe):
+        return exe
+    cc = os.environ.get("CC", "cc")
+    tmp = "%s.%d" % (exe, os.getpid())
+    try:
+        subprocess.run([cc, "-O2", "-o", tmp, READER_C], check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    except (OSError, subprocess.CalledProcessError) as e:
+        log("cannot build the C reader (%s): reading in Python" % (getattr(e, "stderr", b"") or e))
+        return None
+    os.replace(tmp, exe)
+    return exe
 
 
 def mask_frame(opcode, payload):
@@ -735,22 +759,78 @@ class LoadGen:
         res = {}
         res["connect_s"] = await self.connect_all(a.clients)
         res["connected"] = len(self.clients)
+        exe = build_reader() if a.reader == "c" and self.raw_sockets else None
+        res["reader"] = "c" if exe else "python"
+        if exe:
+            m = await self._measure_c(exe, res)
+        else:
+            m = await self._measure_python(res)
+        expected = a.messages * len(self.clients)
+        producer = res["producer"]
+        first_push = producer.get("first_push_ns")
+        last_delivery = m["last_ns"]
+        span = (last_delivery - first_push) / 1e9 if first_push and last_delivery else None
+        lat = m["lat"]
+        deliveries = m["deliveries"]
+        res.update({
+            "messages": a.messages, "expected_deliveries": expected,
+            "deliveries": deliveries, "missing": expected - m["unique"],
+            "duplicates": m["duplicates"], "out_of_order": m["out_of_order"],
+            "bad_frames": m["bad_frames"], "other_frames": m["other_frames"],
+            "closed_by_server": m["closed"], "stalled": m["stalled"],
+            "timed_out": m["timed_out"], "span_s": span,
+            "deliveries_per_s": deliveries / span if span and span > 0 else None,
+            "latency_ms": {k: (float(pct(lat, q)) / 1e6 if len(lat) else None)
+                           for k, q in (("p50", 50), ("p90", 90), ("p99", 99),
+                                        ("p999", 99.9), ("max", 100))},
+            "loadgen_cpu_s": m["cpu_s"],
+            "loadgen_cpu_pct": 100.0 * m["cpu_s"] / max(1e-9, m["wall_s"]),
+            # server CPU over the delivery span (first push to last arrival),
+            # where it did all its work; the measurement window is longer
+            "server_cpu_s": m["server_cpu_s"],
+            "server_cpu_pct": (100.0 * m["server_cpu_s"] / max(1e-9, span or m["wall_s"])
+                               if m["server_cpu_s"] is not None else None),
+            "measure_wall_s": m["wall_s"],
+        })
+        if res["server_cpu_s"] is not None and deliveries:
+            res["server_cpu_us_per_op"] = 1e6 * res["server_cpu_s"] / deliveries
+        res["ok"] = (res["missing"] == 0 and m["duplicates"] == 0 and m["out_of_order"] == 0
+                     and m["bad_frames"] == 0 and res["connected"] == a.clients
+                     and m["closed"] == 0)
+        return res
+
+    async def _start_producer(self):
+        a = self.a
+        cmd = [sys.executable, os.path.join(HERE, "producer.py"),
+               "--redis-port", str(a.redis_port), "--queue", a.queue,
+               "--count", str(a.messages), "--rate", str(a.rate)]
+        prod = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
+        return prod, asyncio.ensure_future(prod.communicate())
+
+    @staticmethod
+    def _producer_result(prod, prod_task):
+        if not prod_task.done():
+            prod.kill()
+            return {"error": "producer did not finish"}
+        out, _ = prod_task.result()
+        try:
+            return json.loads(out.decode().strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            return {"error": out.decode()[-500:]}
+
+    async def _measure_python(self, res):
+        """Read in this process (Client.on_readable): push the warm-up, run
+        the producer, wait for every delivery."""
+        a = self.a
         res["warmup_missing"] = await self.warmup()
         if res["warmup_missing"]:
             log("%d connections never got the warm-up item" % res["warmup_missing"])
         for c in self.clients:
             c.other = 0
-        expected_per_client = a.messages
-        expected = expected_per_client * len(self.clients)
-
+        expected = a.messages * len(self.clients)
         cpu0, wall0 = self_cpu(), time.monotonic()
         scpu0 = proc_cpu(a.server_pid)
-        cmd = [sys.executable, os.path.join(HERE, "producer.py"),
-               "--redis-port", str(a.redis_port), "--queue", a.queue,
-               "--count", str(a.messages), "--rate", str(a.rate)]
-        prod = await asyncio.create_subprocess_exec(*cmd, stdout=asyncio.subprocess.PIPE)
-        prod_task = asyncio.ensure_future(prod.communicate())
-
+        prod, prod_task = await self._start_producer()
         last_total, last_change = -1, time.monotonic()
         stalled = timed_out = False
         while True:
@@ -772,55 +852,75 @@ class LoadGen:
         # a short grace period catches duplicates arriving after the last expected one
         if not stalled and not timed_out:
             await asyncio.sleep(a.grace)
-        producer = {}
-        if prod_task.done():
-            out, _ = prod_task.result()
-            try:
-                producer = json.loads(out.decode().strip().splitlines()[-1])
-            except (ValueError, IndexError):
-                producer = {"error": out.decode()[-500:]}
-        else:
-            prod.kill()
-            producer = {"error": "producer did not finish"}
-        res["producer"] = producer
+        res["producer"] = self._producer_result(prod, prod_task)
+        cs = self.clients
+        return {
+            "deliveries": sum(c.n for c in cs), "unique": sum(c.unique() for c in cs),
+            "duplicates": sum(c.dup for c in cs), "out_of_order": sum(c.ooo for c in cs),
+            "bad_frames": sum(c.bad for c in cs), "other_frames": sum(c.other for c in cs),
+            "closed": sum(1 for c in cs if c.closed),
+            "last_ns": max((c.last for c in cs), default=0),
+            "lat": np.sort(np.concatenate([np.frombuffer(LAT, dtype=np.int64)] + LATS))
+            if (LAT or LATS) else [],
+            "stalled": stalled, "timed_out": timed_out,
+            "cpu_s": cpu1 - cpu0, "wall_s": wall1 - wall0,
+            "server_cpu_s": scpu1 - scpu0 if scpu0 is not None and scpu1 is not None else None,
+        }
 
-        deliveries = sum(c.n for c in self.clients)
-        unique = sum(c.unique() for c in self.clients)
-        dup = sum(c.dup for c in self.clients)
-        ooo = sum(c.ooo for c in self.clients)
-        bad = sum(c.bad for c in self.clients)
-        other = sum(c.other for c in self.clients)
-        missing = expected - unique
-        closed = sum(1 for c in self.clients if c.closed)
-        first_push = producer.get("first_push_ns")
-        last_delivery = max((c.last for c in self.clients), default=0)
-        span = (last_delivery - first_push) / 1e9 if first_push and last_delivery else None
-        lat = np.sort(np.concatenate([np.frombuffer(LAT, dtype=np.int64)] + LATS)) \
-            if (LAT or LATS) else []
-        res.update({
-            "messages": a.messages, "expected_deliveries": expected,
-            "deliveries": deliveries, "missing": missing, "duplicates": dup,
-            "out_of_order": ooo, "bad_frames": bad, "other_frames": other,
-            "closed_by_server": closed, "stalled": stalled, "timed_out": timed_out,
-            "span_s": span,
-            "deliveries_per_s": deliveries / span if span and span > 0 else None,
-            "latency_ms": {k: (float(pct(lat, q)) / 1e6 if len(lat) else None)
-                           for k, q in (("p50", 50), ("p90", 90), ("p99", 99),
-                                        ("p999", 99.9), ("max", 100))},
-            "loadgen_cpu_s": cpu1 - cpu0,
-            "loadgen_cpu_pct": 100.0 * (cpu1 - cpu0) / max(1e-9, wall1 - wall0),
-            # server CPU over the delivery span (first push to last arrival),
-            # where it did all its work; the measurement window is longer
-            "server_cpu_s": (scpu1 - scpu0 if scpu0 is not None and scpu1 is not None else None),
-            "server_cpu_pct": (100.0 * (scpu1 - scpu0) / max(1e-9, span or (wall1 - wall0))
-                               if scpu0 is not None and scpu1 is not None else None),
-            "measure_wall_s": wall1 - wall0,
+    async def _measure_c(self, exe, res):
+        """Hand the sockets to bench/reader.c and let it read and check every
+        delivery (see its header for why); this process pushes the warm-up
+        and runs the producer."""
+        import tempfile
+        a = self.a
+        loop = asyncio.get_running_loop()
+        fds = []
+        for c in self.clients:
+            loop.remove_reader(c.sock.fileno())
+            fds.append(c.sock.fileno())
+        tmp = tempfile.mkdtemp(prefix="pushbench-reader-")
+        fds_file, lat_file = os.path.join(tmp, "fds"), os.path.join(tmp, "lat")
+        with open(fds_file, "w") as f:
+            f.write("\n".join(map(str, fds)) + "\n")
+        rd = await asyncio.create_subprocess_exec(
+            exe, str(a.messages), "0" if a.unwrap == "no" else "1", str(a.stall),
+            fds_file, lat_file, pass_fds=fds,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+        # warm-up: an item every 2 s until every connection got one
+        r = self._redis()
+        end = time.monotonic() + min(30.0, max(1.0, self.remaining()))
+        warm = asyncio.ensure_future(rd.stdout.readline())
+        while not warm.done() and time.monotonic() < end:
+            r.lpush(a.queue, WARMUP)
+            await asyncio.wait([warm], timeout=2.0)
+        if not warm.done():
+            log("not every connection got the warm-up item")
+        await asyncio.sleep(0.2)           # extra warm-up items drain
+        cpu0, scpu0 = self_cpu(), proc_cpu(a.server_pid)
+        rd.stdin.write(b"go\n")
+        prod, prod_task = await self._start_producer()
+        timed_out = False
+        try:
+            await asyncio.wait_for(asyncio.shield(prod_task), max(0.1, self.remaining()))
+            rd.stdin.write(b"stall\n")
+            await asyncio.wait_for(rd.wait(), max(0.1, self.remaining()))
+        except asyncio.TimeoutError:
+            timed_out = True
+            rd.terminate()
+        scpu1 = proc_cpu(a.server_pid)
+        out = (await warm) + await rd.stdout.read()   # "warm" (if said), then the result
+        await rd.wait()
+        res["producer"] = self._producer_result(prod, prod_task)
+        m = json.loads(out.decode().strip().splitlines()[-1])
+        res["warmup_missing"] = m.pop("never_warm")
+        lat = np.sort(np.fromfile(lat_file, dtype=np.int64))
+        shutil.rmtree(tmp, ignore_errors=True)
+        m.update({
+            "lat": lat, "last_ns": m["last_ns"], "timed_out": timed_out,
+            "cpu_s": m["cpu_s"] + self_cpu() - cpu0,
+            "server_cpu_s": scpu1 - scpu0 if scpu0 is not None and scpu1 is not None else None,
         })
-        if res["server_cpu_s"] is not None and deliveries:
-            res["server_cpu_us_per_op"] = 1e6 * res["server_cpu_s"] / deliveries
-        res["ok"] = (missing == 0 and dup == 0 and ooo == 0 and bad == 0
-                     and res["connected"] == a.clients and closed == 0)
-        return res
+        return m
 
     async def run_idle(self):
         a = self.a
@@ -918,6 +1018,9 @@ def main(argv=None):
     p.add_argument("--timestamps", choices=("kernel", "app"), default="kernel",
                    help="receive time of a read: when the kernel got the data (SO_TIMESTAMPNS)"
                         " or when the load generator read it")
+    p.add_argument("--reader", choices=("c", "python"), default="c",
+                   help="deliver mode: read and check deliveries in bench/reader.c (built with"
+                        " cc on first use) or in this process")
     p.add_argument("--no-uvloop", action="store_true")
     a = p.parse_args(argv)
     COUNT = a.messages
