@@ -11,7 +11,10 @@ README.rst ("Upgrading the libraries") says how to check a new release.
    with one ``send()``, and to bound what is queued per connection. Saves:
    the reactor's register-for-write, send, unregister round (three syscalls
    per connection per batch): fan-out 1.36M -> 1.07M deliveries/s without it
-   on the bench VM (fanout-1k, the landing note of 0.1).
+   on the bench VM (fanout-1k, the landing note of 0.1). The same socket
+   is read once as a connection is accepted (L{read_now}): a client sends
+   its request head right behind its connect, so it is usually there, and
+   the connection needs no second turn of the reactor to be served.
 2. Replacing a connection's protocol after the first request head
    (``transport.protocol``, ``ProtocolWrapper.wrappedProtocol``). Why: to
    hand WebSocket upgrades straight to Autobahn without twisted.web parsing
@@ -56,27 +59,43 @@ README.rst ("Upgrading the libraries") says how to check a new release.
    of the head, its URL parsing, the Deferred around ``onConnect`` and its
    debug lines' arguments (with the collector tuned too, 256-290 -> 212-220 us
    of CPU per handshake in connect-rate, bench/README.md).
+9. What Autobahn's connection set-up does for a server connection
+   (``WebSocketAdapterProtocol.connectionMade``, then the ``_connectionMade``
+   of ``WebSocketServerProtocol`` and ``WebSocketProtocol``: the attributes
+   it sets, ``factory.countConnections``), and that its adapter's
+   ``dataReceived`` only logs before calling ``_dataReceived``. Why:
+   pushservice.websocket sets a connection up the same way but without the
+   debug lines, whose arguments Autobahn formats even when nobody logs at
+   debug level (``hltype`` costs ~5 us, three times per handshake), and
+   makes the UTF-8 validator (~7 us) when a client first sends text.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from typing import Any
 
 import txaio
-from autobahn.websocket.protocol import WebSocketProtocol
+from autobahn.twisted.util import create_transport_details
+from autobahn.wamp.types import TransportDetails
+from autobahn.websocket.protocol import TrafficStats, WebSocketProtocol
+from autobahn.websocket.utf8validator import Utf8Validator
 from twisted.internet import abstract, tcp
 from twisted.protocols.policies import ProtocolWrapper
 
 __all__ = [
+    "LAZY_UTF8_VALIDATOR",
     "TRANSPORT_BUFFER_ATTRIBUTES",
     "direct_socket",
     "encode_command",
     "open_connection",
     "parse_server_endpoint",
     "protocol_option_names",
+    "read_now",
     "release_inflater",
     "replace_protocol",
     "send_now",
+    "set_up_connection",
     "transport_queued",
 ]
 
@@ -109,6 +128,20 @@ def send_now(transport: Any, data: bytes | memoryview) -> int:
         return 0  # EAGAIN, or a broken connection that Twisted will find and report
 
 
+def read_now(transport: Any) -> bytes:
+    """
+    1. What a plain TCP transport's socket holds now, read as Twisted's
+    C{doRead} reads it: b"" when nothing is there yet, for TLS and other
+    transports, and on an end of file or an error (the reactor finds those).
+    """
+    if not isinstance(transport, tcp.Connection) or transport.TLS or not transport.connected:
+        return b""
+    try:
+        return transport.socket.recv(transport.bufferSize)  # type: ignore[no-any-return]
+    except OSError:
+        return b""
+
+
 def open_connection(protocol: Any, pmce: Any) -> None:
     """8. Open C{protocol} as Autobahn does once its 101 is sent; C{pmce}: its permessage-deflate, or None."""
     protocol._perMessageCompress = pmce
@@ -127,6 +160,80 @@ def open_connection(protocol: Any, pmce: Any) -> None:
     txaio.resolve(protocol.is_open, None)  # type: ignore[attr-defined]
     if protocol.data:
         protocol.consumeData()
+
+
+def set_up_connection(protocol: Any) -> None:
+    """9. Set up a server connection's C{protocol} as Autobahn's C{connectionMade} does, but its UTF-8 validator."""
+    details = protocol._transport_details = create_transport_details(protocol.transport, True)
+    details.channel_framing = TransportDetails.CHANNEL_FRAMING_WEBSOCKET
+    protocol.peer = details.peer
+    try:
+        protocol.transport.setTcpNoDelay(protocol.tcpNoDelay)
+    except Exception:  # noqa: S110 - as Autobahn: not a TCP socket (a UNIX socket, a wrapper)
+        pass
+    factory = protocol.factory
+    for name in protocol.CONFIG_ATTRS:  # none where the options are on the class (3.)
+        if not hasattr(protocol, name):
+            setattr(protocol, name, getattr(factory, name))
+    protocol._perMessageCompress = None
+    protocol.trackedTimings = None
+    protocol.setTrackTimings(protocol.trackTimings)
+    protocol.trafficStats = TrafficStats()
+    protocol.state = WebSocketProtocol.STATE_CONNECTING
+    protocol.send_state = WebSocketProtocol.SEND_STATE_GROUND
+    protocol.data = b""
+    protocol.send_queue = deque()
+    protocol.triggered = False
+    for name in _CLEAR:
+        setattr(protocol, name, False)
+    for name in _UNSET:
+        setattr(protocol, name, None)
+    protocol.autoPingPendingSeq = 0
+    if protocol.openHandshakeTimeout > 0:
+        protocol.openHandshakeTimeoutCall = factory._batched_timer.call_later(
+            protocol.openHandshakeTimeout, protocol.onOpenHandshakeTimeout
+        )
+    factory.countConnections += 1
+
+
+class _LazyValidator:
+    """9. A connection's UTF-8 validator, made on first use and then kept on the connection."""
+
+    def __get__(self, protocol: Any, owner: Any = None) -> Any:
+        if protocol is None:
+            return self
+        validator = protocol.__dict__["utf8validator"] = Utf8Validator()
+        return validator
+
+
+LAZY_UTF8_VALIDATOR = _LazyValidator()
+
+#: 9. The flags and the slots Autobahn's _connectionMade starts False and None.
+_CLEAR = (
+    "wasMaxFramePayloadSizeExceeded",
+    "wasMaxMessagePayloadSizeExceeded",
+    "closedByMe",
+    "failedByMe",
+    "droppedByMe",
+    "wasClean",
+    "wasServerConnectionDropTimeout",
+    "wasOpenHandshakeTimeout",
+    "wasCloseHandshakeTimeout",
+    "wasServingFlashSocketPolicyFile",
+)
+_UNSET = (
+    "wasNotCleanReason",
+    "localCloseCode",
+    "localCloseReason",
+    "remoteCloseCode",
+    "remoteCloseReason",
+    "openHandshakeTimeoutCall",
+    "closeHandshakeTimeoutCall",
+    "autoPingTimeoutCall",
+    "autoPingPending",
+    "autoPingPendingCall",
+    "autoPingPendingSent",
+)
 
 
 def direct_socket(transport: Any) -> Any:

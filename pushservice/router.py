@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import protocol
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from ._internals import replace_protocol
+from ._internals import read_now, replace_protocol
 from .httphead import HeadError, RequestHead, parse_head
 from .streams import StreamRefusal
 
@@ -62,6 +63,7 @@ def _response(status: int, why: str, head_only: bool, extra: tuple[tuple[str, st
 class Router(protocol.Protocol):
     """A connection until its request head is read: then refused, or handed over."""
 
+    _log = Logger()
     transport: Any
     client_address: str | None = None
 
@@ -72,6 +74,14 @@ class Router(protocol.Protocol):
 
     def connectionMade(self) -> None:
         self._port.waiting[self] = self._port.reactor.seconds()
+        # the head is usually here already: served now, not after the reactor's next poll
+        data = read_now(self.transport)
+        if data:
+            try:
+                self.dataReceived(data)
+            except Exception:  # inside the port's accept loop: this connection only
+                self._log.failure("serving a new connection failed; dropping it")
+                self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         seen = self._head

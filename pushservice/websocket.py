@@ -38,16 +38,9 @@ CLOSE_SLOW = 3008
 
 _OPEN = WebSocketProtocol.STATE_OPEN
 
-_HANDSHAKE_LEFTOVERS = (
-    "http_request_data",
-    "http_response_data",
-    "http_headers",
-    "http_status_line",
-    "http_request_uri",
-    "http_request_params",
-    "http_request_path",
-    "websocket_protocols",
-    "websocket_extensions",
+_HANDSHAKE_LEFTOVERS = tuple(
+    "http_request_data http_response_data http_headers http_status_line http_request_uri"
+    " http_request_params http_request_path websocket_protocols websocket_extensions".split()
 )
 
 
@@ -86,6 +79,11 @@ class PushProtocol(WebSocketServerProtocol):
     _grant: Grant | None = None
     _query_seen: Query = _NO_QUERY
     _state: int = WebSocketProtocol.STATE_CLOSED
+
+    # Autobahn's set-up and reads without formatting its debug lines; a UTF-8 validator when used (_internals 9.)
+    connectionMade = _internals.set_up_connection
+    dataReceived = WebSocketProtocol._dataReceived
+    utf8validator = _internals.LAZY_UTF8_VALIDATOR
 
     # -- handshake ---------------------------------------------------------
 

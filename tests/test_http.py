@@ -10,6 +10,7 @@ and X-Forwarded-For. Every wait is bounded, every loop bounded in count.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from typing import Any
 
@@ -18,8 +19,9 @@ import pytest_twisted
 from support.clients import Refused, connect
 from support.raw import Raw, ask, raw, raw_ws, upgrade_request, ws_frame
 from support.waiting import sleep, until
-from twisted.internet import task
+from twisted.internet import task, threads
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.logger import globalLogPublisher
 from twisted.web import resource, server
 
 from pushservice import limits as limits_module
@@ -143,6 +145,78 @@ async def test_upgrades_elsewhere_get_404_and_plain_http_never_upgrades(node):
     ws.abort()
     page = await ask(node.port, request(node.port, "GET", "/", "Connection: Upgrade"))  # no Upgrade field
     assert page.status == 200 and b"<html" in bytes(page.buf).lower()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_head_sent_with_the_connect_is_served_at_accept_and_a_late_one_after(node, monkeypatch):
+    """The router reads a new connection at once: a head already there is served then; else it waits."""
+    from pushservice import router
+
+    reads: list[bytes] = []
+
+    def spy(transport: Any) -> bytes:
+        reads.append(router_read(transport))
+        return reads[-1]
+
+    router_read = router.read_now
+    monkeypatch.setattr(router, "read_now", spy)
+    early = socket.create_connection(("127.0.0.1", node.port))  # the kernel completes the connect
+    early.sendall(upgrade_request(node.port))  # ...and the head is there before the node accepts
+    late = await raw(node.port)
+    await until(lambda: len(reads) == 2, what="both connections accepted")
+    assert sorted(reads) == [b"", upgrade_request(node.port)], reads
+    late.send(upgrade_request(node.port))
+    await until(lambda: late.head is not None, what="the late head answered")
+    assert late.status == 101
+    early.setblocking(False)
+    answer = b""
+
+    def answered() -> bool:
+        nonlocal answer
+        try:
+            answer += early.recv(4096)
+        except BlockingIOError:
+            pass
+        return b"\r\n\r\n" in answer
+
+    await until(answered, what="the early head answered")
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    early.close()
+    late.abort()
+
+
+def _answer_or_reset(s: socket.socket) -> bytes:
+    """What C{s} receives first: b"" if the server closed or reset it. Blocks."""
+    try:
+        return s.recv(100)
+    except ConnectionResetError:
+        return b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_failure_serving_a_connection_at_accept_drops_it_and_the_port_goes_on(node, monkeypatch):
+    """An exception while serving a head read at accept (a bug) drops that connection only."""
+    from pushservice import router
+
+    def broken(data: bytes) -> Any:
+        raise RuntimeError("a bug in the head parser")
+
+    monkeypatch.setattr(router, "parse_head", broken)
+    events: list[dict[str, Any]] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        early = socket.create_connection(("127.0.0.1", node.port))
+        early.sendall(upgrade_request(node.port))
+        early.settimeout(5)
+        assert await threads.deferToThread(_answer_or_reset, early) == b""  # dropped, nothing answered
+        early.close()
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    failures = [e["log_failure"].value for e in events if "log_failure" in e]
+    assert [str(f) for f in failures] == ["a bug in the head parser"], failures
+    monkeypatch.undo()
+    page = await ask(node.port, request(node.port))
+    assert page.status == 200
 
 
 # -- one request per connection, deadlines ------------------------------------------------

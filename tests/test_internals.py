@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import inspect
 import socket
+from typing import Any
 
 import pytest
-from autobahn.twisted.websocket import WebSocketServerProtocol
+from autobahn.twisted.websocket import WebSocketAdapterProtocol, WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import abstract, tcp
 from twisted.protocols.policies import ProtocolWrapper
 
@@ -53,6 +55,44 @@ def test_send_now_and_queued_on_a_real_tcp_transport():
             transport.stopWriting()
         for s in (client, accepted, listener):
             s.close()
+
+
+def test_read_now_reads_what_a_real_tcp_socket_holds():
+    """1. read_now returns what is there, b"" when nothing is, and leaves an end of file to the reactor."""
+    from twisted.internet import reactor
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    client = socket.socket()
+    client.connect(listener.getsockname())
+    accepted, _ = listener.accept()
+    transport = None
+    try:
+        transport = tcp.Server(accepted, _Null(), ("127.0.0.1", 1), None, 1, reactor)
+        assert _internals.read_now(transport) == b""  # nothing sent yet: no wait, no error
+        client.sendall(b"GET / HTTP/1.1\r\n\r\n")
+        assert until_read(transport) == b"GET / HTTP/1.1\r\n\r\n"
+        client.close()
+        assert _internals.read_now(transport) == b""  # the end of file: the reactor's doRead sees it again
+        assert transport.doRead() is not None  # ...as the connection's end (CONNECTION_DONE)
+        assert _internals.read_now(object()) == b""
+    finally:
+        if transport is not None:
+            transport.stopReading()
+        for s in (client, accepted, listener):
+            s.close()
+
+
+def until_read(transport: Any) -> bytes:
+    """read_now of C{transport} once it returns something (bounded: 2 s)."""
+    import time
+
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline:
+        data = _internals.read_now(transport)
+        if data:
+            return data
+        time.sleep(0.01)
+    return b""
 
 
 def test_transport_protocol_can_be_replaced():
@@ -177,3 +217,135 @@ def test_autobahn_opens_a_connection_as_open_connection_does():
     before = source.split('self.sendData(response.encode("utf8"))', 1)[0]
     assert "self._perMessageCompress = PMCE" in before and "self.websocket_extensions_in_use = []" in before
     assert "self.websocket_protocol_in_use = protocol" in before
+
+
+def _statements(function: Any) -> list[str]:
+    """The statements of C{function}'s body, one a line, without comments, docstring and debug lines."""
+    body = inspect.getsource(function).split(":\n", 1)[1]
+    body = body.split('"""', 2)[2] if body.lstrip().startswith('"""') else body
+    lines, in_debug = [], False
+    for line in (raw.strip() for raw in body.splitlines()):
+        if in_debug or line.startswith("self.log.debug("):
+            in_debug = not line.endswith(")") or line == "self.log.debug("
+            continue
+        if line and not line.startswith("#"):
+            lines.append(line)
+    return lines
+
+
+def test_autobahn_sets_a_connection_up_as_set_up_connection_does():
+    """9. Autobahn's connection set-up is what set_up_connection repeats, statement for statement."""
+    assert _statements(WebSocketAdapterProtocol.connectionMade) == [
+        "self._transport_details = create_transport_details(",
+        "self.transport, self.is_server",
+        ")",
+        "self._transport_details.channel_framing = (",
+        "TransportDetails.CHANNEL_FRAMING_WEBSOCKET",
+        ")",
+        "self.peer = self._transport_details.peer",
+        "try:",
+        "self.transport.setTcpNoDelay(self.tcpNoDelay)",
+        "except:  # don't touch this! does not work: AttributeError, OSError",
+        "pass",
+        "self._connectionMade()",
+    ]
+    assert _statements(WebSocketServerProtocol._connectionMade) == [
+        "WebSocketProtocol._connectionMade(self)",
+        "self.factory.countConnections += 1",
+    ]
+    assert _statements(WebSocketAdapterProtocol.dataReceived) == ["self._dataReceived(data)"]
+    flags = [f"self.{name} = False" for name in _internals._CLEAR]
+    unset = [f"self.{name} = None" for name in _internals._UNSET]
+    base = _statements(WebSocketProtocol._connectionMade)
+    assert base[:9] == [
+        "configAttrLog = []",
+        "for configAttr in self.CONFIG_ATTRS:",
+        "if not hasattr(self, configAttr):",
+        "setattr(self, configAttr, getattr(self.factory, configAttr))",
+        "configAttrSource = self.factory.__class__.__name__",
+        "else:",
+        "configAttrSource = self.__class__.__name__",
+        "configAttrLog.append(",
+        "(configAttr, getattr(self, configAttr), configAttrSource)",
+    ], base
+    rest = base[10:]  # after the closing parenthesis of append
+    assert (
+        rest[:16]
+        == [
+            "self._perMessageCompress = None",
+            "self.trackedTimings = None",
+            "self.setTrackTimings(self.trackTimings)",
+            "self.trafficStats = TrafficStats()",
+            "if not self.factory.isServer and self.factory.proxy is not None:",
+            "self.state = WebSocketProtocol.STATE_PROXY_CONNECTING",
+            "else:",
+            "self.state = WebSocketProtocol.STATE_CONNECTING",
+            "self.send_state = WebSocketProtocol.SEND_STATE_GROUND",
+            'self.data = b""',
+            "self.send_queue = deque()",
+            "self.triggered = False",
+            "self.utf8validator = Utf8Validator()",  # made on first use instead (LAZY_UTF8_VALIDATOR)
+            *flags[:2],
+            "self.closedByMe = False",
+        ]
+    ), rest
+    assigned = sorted(line for line in rest[16:] if line.startswith("self.") and line.endswith((" = False", " = None")))
+    assert assigned == sorted([*flags[3:], *unset, "self.serverConnectionDropTimeoutCall = None"]), assigned
+    assert "self.autoPingPendingSeq = 0" in rest
+    assert rest[-5:] == [
+        "if self.openHandshakeTimeout > 0:",
+        "self.openHandshakeTimeoutCall = self.factory._batched_timer.call_later(",
+        "self.openHandshakeTimeout,",
+        "self.onOpenHandshakeTimeout,",
+        ")",
+    ], rest[-5:]
+
+
+def test_set_up_connection_leaves_what_autobahn_leaves():
+    """9. On a real TCP connection, set_up_connection leaves the attributes Autobahn's set-up leaves."""
+    from twisted.internet import reactor
+
+    from pushservice.websocket import PushProtocol
+
+    class Factory(WebSocketServerFactory):
+        protocol = WebSocketServerProtocol
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen(2)
+    states = []
+    factory = Factory()
+    try:
+        for make in (WebSocketServerProtocol, PushProtocol):
+            client = socket.create_connection(listening.getsockname())
+            accepted, _ = listening.accept()
+            count = factory.countConnections
+            transport = tcp.Server(accepted, None, client.getsockname(), None, 1, reactor)
+            protocol = make()
+            protocol.factory = factory
+            transport.protocol = protocol
+            protocol.makeConnection(transport)
+            state = {k: v for k, v in vars(protocol).items() if k not in ("transport", "_transport_details")}
+            state["details"] = protocol._transport_details.marshal()
+            state["utf8"] = type(protocol.utf8validator)
+            state["count"] = factory.countConnections - count
+            state["timer"] = type(state.pop("openHandshakeTimeoutCall"))
+            protocol.openHandshakeTimeoutCall.cancel()
+            states.append(state)
+            transport.stopReading()
+            accepted.close()
+            client.close()
+    finally:
+        listening.close()
+    autobahn, ours = states
+    for d in (autobahn, ours):
+        d["trafficStats"] = vars(d["trafficStats"])
+        d["send_queue"] = list(d["send_queue"])
+        d.pop("utf8validator", None)
+        d["details"].pop("own_tid")
+        d["state"] = d.pop("_state", d.get("state"))  # PushProtocol keeps Autobahn's state behind a property
+        for k in ("is_open", "is_closed"):
+            d[k] = type(d[k])
+        assert d.pop("peer").startswith("tcp4:127.0.0.1:") and d["details"].pop("peer").startswith("tcp4:127.0.0.1:")
+    assert ours == autobahn
+    assert ours["count"] == 1 and ours["timer"] is not type(None) and ours["utf8"] is not type(None)
