@@ -909,7 +909,8 @@ class LoadGen:
             rd.terminate()
         scpu1 = proc_cpu(a.server_pid)
         out = (await warm) + await rd.stdout.read()   # "warm" (if said), then the result
-        await rd.wait()
+        if await rd.wait() != 0 or not out.strip():
+            raise SystemExit("the C reader failed (exit %s): see its message above" % rd.returncode)
         res["producer"] = self._producer_result(prod, prod_task)
         m = json.loads(out.decode().strip().splitlines()[-1])
         res["warmup_missing"] = m.pop("never_warm")
