@@ -81,17 +81,23 @@ def reference(seqs, count):
     return dict(n=len(seqs), unique=len(seen), dup=dup, ooo=ooo)
 
 
+def cut(frames, rng, max_chunk):
+    """The frames' bytes in pieces of 1 to max_chunk bytes, cut at random points."""
+    data = b"".join(frames)
+    pos = 0
+    while pos < len(data):
+        k = rng.randint(1, max_chunk)
+        yield data[pos:pos + k]
+        pos += k
+
+
 def feed(frames, rng, max_chunk):
     loop = asyncio.new_event_loop()
     c = loadgen.Client(b"h", b"/", loop.create_future())
     c.hs = None
     c.transport = FakeTransport()
-    data = b"".join(frames)
-    pos = 0
-    while pos < len(data):
-        k = rng.randint(1, max_chunk)
-        c.data_received(data[pos:pos + k])
-        pos += k
+    for piece in cut(frames, rng, max_chunk):
+        c.data_received(piece)
     loop.close()
     return c
 
@@ -126,12 +132,8 @@ def run_reader(exe, streams, count, rng, max_chunk):
     p.stdin.write(b"go\n")
     p.stdin.flush()
     for (a, _), frames in zip(pairs, streams):
-        data = b"".join(frames)
-        pos = 0
-        while pos < len(data):
-            k = rng.randint(1, max_chunk)
-            a.sendall(data[pos:pos + k])
-            pos += k
+        for piece in cut(frames, rng, max_chunk):
+            a.sendall(piece)
     p.stdin.write(b"stall\n")
     p.stdin.flush()
     out = p.stdout.read()

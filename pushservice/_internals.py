@@ -209,30 +209,13 @@ class _LazyValidator:
 LAZY_UTF8_VALIDATOR = _LazyValidator()
 
 #: 9. The flags and the slots Autobahn's _connectionMade starts False and None.
-_CLEAR = (
-    "wasMaxFramePayloadSizeExceeded",
-    "wasMaxMessagePayloadSizeExceeded",
-    "closedByMe",
-    "failedByMe",
-    "droppedByMe",
-    "wasClean",
-    "wasServerConnectionDropTimeout",
-    "wasOpenHandshakeTimeout",
-    "wasCloseHandshakeTimeout",
-    "wasServingFlashSocketPolicyFile",
+_CLEAR = tuple(
+    "wasMaxFramePayloadSizeExceeded wasMaxMessagePayloadSizeExceeded closedByMe failedByMe droppedByMe wasClean"
+    " wasServerConnectionDropTimeout wasOpenHandshakeTimeout wasCloseHandshakeTimeout wasServingFlashSocketPolicyFile".split()
 )
-_UNSET = (
-    "wasNotCleanReason",
-    "localCloseCode",
-    "localCloseReason",
-    "remoteCloseCode",
-    "remoteCloseReason",
-    "openHandshakeTimeoutCall",
-    "closeHandshakeTimeoutCall",
-    "autoPingTimeoutCall",
-    "autoPingPending",
-    "autoPingPendingCall",
-    "autoPingPendingSent",
+_UNSET = tuple(
+    "wasNotCleanReason localCloseCode localCloseReason remoteCloseCode remoteCloseReason openHandshakeTimeoutCall"
+    " closeHandshakeTimeoutCall autoPingTimeoutCall autoPingPending autoPingPendingCall autoPingPendingSent".split()
 )
 
 

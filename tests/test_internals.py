@@ -7,7 +7,10 @@ upgrading Twisted, Autobahn or txredisapi (README, "Upgrading the libraries").
 from __future__ import annotations
 
 import inspect
+import select
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -29,8 +32,9 @@ def test_twisted_write_buffer_attributes_exist():
     assert issubclass(tcp.Connection, abstract.FileDescriptor)
 
 
-def test_send_now_and_queued_on_a_real_tcp_transport():
-    """1. transport_queued and send_now read a real connection's buffer and write to its socket."""
+@contextmanager
+def _tcp_server_transport() -> Iterator[tuple[Any, socket.socket]]:
+    """A tcp.Server transport on a real loopback connection, and the client's socket."""
     from twisted.internet import reactor
 
     listener = socket.create_server(("127.0.0.1", 0))
@@ -40,13 +44,7 @@ def test_send_now_and_queued_on_a_real_tcp_transport():
     transport = None
     try:
         transport = tcp.Server(accepted, _Null(), ("127.0.0.1", 1), None, 1, reactor)
-        assert _internals.transport_queued(transport) == 0
-        assert _internals.send_now(transport, b"hello") == 5
-        assert client.recv(5) == b"hello"
-        transport.write(b"queued")  # not flushed until the reactor writes: now something is queued
-        assert _internals.transport_queued(transport) == 6
-        assert _internals.send_now(transport, b"x") == 0  # would overtake what is queued
-        assert _internals.transport_queued(object()) == 0 and _internals.send_now(object(), b"x") == 0
+        yield transport, client
     finally:
         if transport is not None:
             # tcp.Server registered the socket with the reactor: unregister it before its fd is closed, or
@@ -57,42 +55,30 @@ def test_send_now_and_queued_on_a_real_tcp_transport():
             s.close()
 
 
+def test_send_now_and_queued_on_a_real_tcp_transport():
+    """1. transport_queued and send_now read a real connection's buffer and write to its socket."""
+    with _tcp_server_transport() as (transport, client):
+        assert _internals.transport_queued(transport) == 0
+        assert _internals.send_now(transport, b"hello") == 5
+        assert client.recv(5) == b"hello"
+        transport.write(b"queued")  # not flushed until the reactor writes: now something is queued
+        assert _internals.transport_queued(transport) == 6
+        assert _internals.send_now(transport, b"x") == 0  # would overtake what is queued
+        assert _internals.transport_queued(object()) == 0 and _internals.send_now(object(), b"x") == 0
+
+
 def test_read_now_reads_what_a_real_tcp_socket_holds():
     """1. read_now returns what is there, b"" when nothing is, and leaves an end of file to the reactor."""
-    from twisted.internet import reactor
-
-    listener = socket.create_server(("127.0.0.1", 0))
-    client = socket.socket()
-    client.connect(listener.getsockname())
-    accepted, _ = listener.accept()
-    transport = None
-    try:
-        transport = tcp.Server(accepted, _Null(), ("127.0.0.1", 1), None, 1, reactor)
+    with _tcp_server_transport() as (transport, client):
         assert _internals.read_now(transport) == b""  # nothing sent yet: no wait, no error
         client.sendall(b"GET / HTTP/1.1\r\n\r\n")
-        assert until_read(transport) == b"GET / HTTP/1.1\r\n\r\n"
+        assert select.select([transport.socket], [], [], 5)[0]
+        assert _internals.read_now(transport) == b"GET / HTTP/1.1\r\n\r\n"
         client.close()
+        assert select.select([transport.socket], [], [], 5)[0]
         assert _internals.read_now(transport) == b""  # the end of file: the reactor's doRead sees it again
         assert transport.doRead() is not None  # ...as the connection's end (CONNECTION_DONE)
         assert _internals.read_now(object()) == b""
-    finally:
-        if transport is not None:
-            transport.stopReading()
-        for s in (client, accepted, listener):
-            s.close()
-
-
-def until_read(transport: Any) -> bytes:
-    """read_now of C{transport} once it returns something (bounded: 2 s)."""
-    import time
-
-    deadline = time.monotonic() + 2
-    while time.monotonic() < deadline:
-        data = _internals.read_now(transport)
-        if data:
-            return data
-        time.sleep(0.01)
-    return b""
 
 
 def test_transport_protocol_can_be_replaced():
