@@ -185,6 +185,41 @@ async def test_a_head_sent_with_the_connect_is_served_at_accept_and_a_late_one_a
     late.abort()
 
 
+@pytest_twisted.ensureDeferred
+async def test_hostile_bytes_waiting_at_accept_are_refused_as_if_read_later(node, monkeypatch):
+    """
+    What is already in a socket when the node accepts it goes through the
+    same rules: an LF-only head 400, a 20 KB head without its end 431, a
+    connection reset before the accept nothing; the port serves on.
+    """
+    import struct
+
+    from pushservice import router
+
+    reads: list[bytes] = []
+    real = router.read_now
+    monkeypatch.setattr(router, "read_now", lambda t: reads.append(real(t)) or reads[-1])
+    lf_only = socket.create_connection(("127.0.0.1", node.port))
+    lf_only.sendall(b"GET / HTTP/1.1\nHost: x\n\n")
+    oversized = socket.create_connection(("127.0.0.1", node.port))
+    oversized.sendall(b"GET /" + b"a" * 20000)
+    reset = socket.create_connection(("127.0.0.1", node.port))
+    reset.sendall(upgrade_request(node.port))
+    reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    reset.close()  # an RST, with the head unread
+    for s in (lf_only, oversized):
+        s.settimeout(5)
+    heads = [await threads.deferToThread(_answer_or_reset, s) for s in (lf_only, oversized)]
+    assert heads[0].startswith(b"HTTP/1.1 400 ") and heads[1].startswith(b"HTTP/1.1 431 "), heads
+    for s in (lf_only, oversized):
+        s.close()
+    await until(lambda: len(reads) >= 2, what="the connections accepted (the reset one may never be)")
+    assert any(r.startswith(b"GET / HTTP/1.1\nHost") for r in reads)
+    assert any(r.startswith(b"GET /aaaa") for r in reads)
+    page = await ask(node.port, request(node.port))
+    assert page.status == 200
+
+
 def _answer_or_reset(s: socket.socket) -> bytes:
     """What C{s} receives first: b"" if the server closed or reset it. Blocks."""
     try:
