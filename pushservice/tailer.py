@@ -79,9 +79,9 @@ class Tailer:
         """Load the history, call C{loaded}, then read and deliver until stopped."""
         if not await self._retrying(self._load_history):
             return
+        loaded()  # first: a node ready for replays is moving items too (what /healthz checks)
         self._hub.set_ready()
         self._place.keep_fresh()
-        loaded()
         while not self._stopping:
             await self._retrying(self._step)
 

@@ -263,7 +263,7 @@ async def test_keep_alive_gets_one_response_then_close(make_node, queue):
     node = await make_node(queue, handshake_timeout=30)
     two = request(node.port, "GET", "/healthz", "Connection: keep-alive") + request(node.port, "GET", "/nope")
     r = await ask(node.port, two)
-    assert r.status == 200 and headers_of(r)["connection"] == ["close"]
+    assert r.status == 200 and headers_of(r)["connection"] == ["close"], bytes(r.buf)
     assert bytes(r.buf).count(b"HTTP/1.1") == 0  # no second response
     dripper = await raw(node.port)
     dripper.send(request(node.port, "GET", "/pushservice.js", "Connection: keep-alive"))

@@ -8,7 +8,7 @@ from pushservice.config import Config, parse_redis_url
 from pushservice.metrics import Stats
 from pushservice.service import Parts, PushService
 
-from .waiting import timed
+from .waiting import timed, until
 
 __all__ = ["InProcessNode"]
 
@@ -23,9 +23,14 @@ class InProcessNode:
         self.service = PushService(self.config)
 
     async def start(self) -> None:
-        """Start the service and wait until its history is loaded (bounded)."""
+        """
+        Start the service and wait (bounded) until its history is loaded and
+        it calls itself healthy, as /healthz would: every Redis connection
+        up, the loops running.
+        """
         self.service.startService()
         await timed(self.hub.when_ready())
+        await until(lambda: self.parts.bus.health() is None, what="the node healthy")
 
     @property
     def parts(self) -> Parts:
