@@ -41,14 +41,14 @@ README.rst ("Upgrading the libraries") says how to check a new release.
    for each compressed message but keeps the last one. Saves: ~40 KB per
    connection that ever sent a compressed frame (zlib's 32 KiB window and
    state; tracemalloc, 100 inflaters), more than an idle connection's 6.3 KB.
-7. txredisapi's ``BaseRedisProtocol._build_command(*args)``, the method
-   that turns a command's arguments into the bytes sent
-   (``pushservice.redisprotocols`` overrides it with L{encode_command}).
-   Why: txredisapi encodes each argument and each argument's length through
-   a chain of isinstance checks and ``str.format``; the mover's script call
-   has some 25 arguments per step. Saves: about a fifth of a node's Python
-   time per message at steady low rates (cProfile of the pipeline-10 bench
-   scenario: 75,000 calls of ``_encode_value`` for 1,000 messages).
+7. txredisapi's ``BaseRedisProtocol`` command path: ``_build_command``,
+   ``replyQueue``, ``replyReceived``, ``handle_reply``, ``tryConvertData``
+   (``pushservice.redisprotocols`` sends with L{encode_command} and keeps
+   one deadline timer per connection). Why: txredisapi encodes each argument
+   through isinstance chains and ``str.format`` (the mover's script call
+   has ~25), copies every reply list, and makes a timer and three Deferreds
+   per command. Saves: 75,000 ``_encode_value`` calls per 1,000 messages
+   (pipeline-10), and a third of the calls per message (bench/README).
 8. What Autobahn's ``WebSocketServerProtocol.succeedHandshake`` does after
    it sent the 101 (``_perMessageCompress``, ``websocket_extensions_in_use``,
    ``state``, ``inside_message``, ``current_frame``, the auto-ping timer on
@@ -264,7 +264,12 @@ def encode_command(args: tuple[Any, ...]) -> bytes:
     7. A Redis command as txredisapi (with C{charset=None}) would send it:
     bytes as they are, text as UTF-8, numbers in decimal.
     """
-    out = [b"*%d\r\n" % len(args)]
+    return b"*%d\r\n%s" % (len(args), encode_arguments(args))
+
+
+def encode_arguments(args: Any) -> bytes:
+    """7. The arguments of L{encode_command}, without the header counting them: to encode a constant part once."""
+    out = []
     for arg in args:
         kind = type(arg)
         if kind is bytes:

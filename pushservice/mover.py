@@ -23,7 +23,7 @@ from .config import Config
 from .ingest import Entry, IngestRules, Undeliverable
 from .metrics import Stats
 from .progress import Progress, Retries
-from .redislink import RedisLink
+from .redislink import Prefix, RedisLink
 
 __all__ = ["BLOCK_SECONDS", "Mover"]
 
@@ -56,6 +56,23 @@ class Mover:
         self._stats = stats
         self._stopping = False
         self.progress = Progress(clock, "ingest")
+        #: The script's keys and first arguments, the same every step.
+        self._constant_args = (
+            5,
+            config.queue,
+            config.log_key,
+            config.dead_key,
+            config.seq_key,
+            config.nodes_key,
+            config.max_item_size,
+            config.batch,
+            PEEK_BYTES,
+            config.log_maxlen,
+            config.log_hard_maxlen,
+            config.dead_maxlen,
+            config.node_key_prefix,
+        )
+        self._constant = Prefix.of("EVALSHA", _SHA, *self._constant_args)
         self._retries = Retries(clock, self.progress)
 
     def stop(self) -> None:
@@ -103,31 +120,15 @@ class Mover:
             # None: peeked but over the size limit, which the script decides by length alone
             if item is not None and len(item) <= config.max_item_size and item not in decided:
                 decided[item] = _decision(item, self._decide(item))
-        args: list[Any] = [
-            5,
-            config.queue,
-            config.log_key,
-            config.dead_key,
-            config.seq_key,
-            config.nodes_key,
-            config.max_item_size,
-            config.batch,
-            PEEK_BYTES,
-            config.log_maxlen,
-            config.log_hard_maxlen,
-            config.dead_maxlen,
-            config.node_key_prefix,
-            1 if hold else 0,
-            len(decided),
-        ]
+        args: list[Any] = [1 if hold else 0, len(decided)]
         for arguments in decided.values():
             args.extend(arguments)
         try:
-            reply = await self._link.command("EVALSHA", _SHA, *args)
+            reply = await self._link.command_after(self._constant, *args)
         except txredisapi.ResponseError as e:
             if "NOSCRIPT" not in str(e):
                 raise
-            reply = await self._link.command("EVAL", _SCRIPT, *args)
+            reply = await self._link.command("EVAL", _SCRIPT, *self._constant_args, *args)
         moved, dead, next_items, _ = reply
         self._stats.messages_moved += int(moved)
         for reason in dead:

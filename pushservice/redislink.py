@@ -18,15 +18,16 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IReactorTime
 
+from ._internals import encode_arguments
 from .redisprotocols import command_protocol, subscriber_protocol, tune
 from .redisurl import RedisAddress
 
-__all__ = ["NotConnected", "RedisLink", "Unavailable", "is_connection_error"]
+__all__ = ["NotConnected", "Prefix", "RedisLink", "Unavailable", "is_connection_error"]
 
 #: Reconnection delays: the first, the factor after each failure, the most.
 FIRST_RETRY, RETRY_FACTOR, MAX_RETRY = 0.2, 2.0, 5.0
@@ -98,6 +99,17 @@ class _ProtocolFactory(protocol.Factory):
 
     def connectionError(self, why: str) -> None:
         self._link.last_error = why
+
+
+class Prefix(NamedTuple):
+    """The first arguments of a command sent every step (the mover's script call, XREAD), encoded once."""
+
+    arity: int
+    encoded: bytes
+
+    @classmethod
+    def of(cls, *args: Any) -> Prefix:
+        return cls(len(args), encode_arguments(args))
 
 
 class RedisLink:
@@ -174,6 +186,16 @@ class RedisLink:
             return defer.fail(NotConnected(self.last_error))
         try:
             return self._protocol.execute_command(*args)  # type: ignore[no-any-return]
+        except Exception:
+            return defer.fail()
+
+    def command_after(self, prefix: Prefix, *args: Any) -> defer.Deferred[Any]:
+        """L{command} of C{prefix}'s arguments then C{args}, the prefix not encoded again."""
+        if not self.up:
+            return defer.fail(NotConnected(self.last_error))
+        try:
+            command = b"*%d\r\n%s%s" % (prefix.arity + len(args), prefix.encoded, encode_arguments(args))
+            return self._protocol.send_encoded(command)  # type: ignore[no-any-return]
         except Exception:
             return defer.fail()
 

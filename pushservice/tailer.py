@@ -27,7 +27,7 @@ from .metrics import Stats
 from .mover import BLOCK_SECONDS
 from .place import Place
 from .progress import Progress, Retries
-from .redislink import RedisLink
+from .redislink import Prefix, RedisLink
 from .wire import parse_offset
 
 __all__ = ["Tailer"]
@@ -67,6 +67,8 @@ class Tailer:
         self._continuity = Continuity(stats, framer)
         self._place = Place(clock, request, config, node_id, lambda: self._continuity.last)
         self.last_id = b"0-0"
+        #: XREAD's arguments before the last ID read, the same every step: encoded once.
+        self._xread = Prefix.of("XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_SECONDS * 1000, "STREAMS", config.log_key)
         self.progress = Progress(clock, "fan-out")
         self._retries = Retries(clock, self.progress)
 
@@ -137,9 +139,7 @@ class Tailer:
         config = self._config
         self.progress.blocked()
         await self._link.when_up()
-        reply = await self._link.command(
-            "XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_SECONDS * 1000, "STREAMS", config.log_key, self.last_id
-        )
+        reply = await self._link.command_after(self._xread, self.last_id)
         if not reply:
             self.progress.idle()
             await self._check_for_reset()

@@ -36,6 +36,19 @@ async def test_order_and_exactly_once(node, redis_sync):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_flushed_script_cache_loses_nothing(node, redis_sync):
+    """After SCRIPT FLUSH (or a Redis restarted from a snapshot) the mover sends its script again: nothing lost."""
+    client = await connect(node.port)
+    redis_sync.lpush(node.config.queue, "before")
+    assert (await client.next_of("message"))["content"] == "before"
+    redis_sync.script_flush()
+    redis_sync.lpush(node.config.queue, "after 1", "after 2")
+    assert [(await client.next_of("message"))["content"] for _ in range(2)] == ["after 1", "after 2"]
+    assert node.stats.dead_letters == 0
+    await client.close()
+
+
+@pytest_twisted.ensureDeferred
 async def test_envelope_channels_and_users(node, redis_sync):
     """Envelopes reach their channel's subscribers only; plain items reach all."""
     news = await connect(node.port, "channels=news")

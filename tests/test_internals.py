@@ -168,8 +168,28 @@ def test_command_encoding_matches_txredisapi():
         assert _internals.encode_command(args) == reference._build_command(*args)
         assert command_protocol()(charset=None)._build_command(*args) == reference._build_command(*args)
         assert subscriber_protocol()(charset=None)._build_command(*args) == reference._build_command(*args)
+        for cut in range(len(args) + 1):  # a constant first part encoded once (redislink.Prefix)
+            parts = _internals.encode_arguments(args[:cut]) + _internals.encode_arguments(args[cut:])
+            assert b"*%d\r\n%s" % (len(args), parts) == reference._build_command(*args)
     with pytest.raises(txredisapi.InvalidData):
         _internals.encode_command(("SET", "k", "\ud800"))
+
+
+def test_txredisapi_reply_path_is_what_commands_relies_on():
+    """7. Replies go through replyReceived into replyQueue (waiting Deferreds), errors are raised by handle_reply,
+    a lost connection fails what waits through replyReceived, and tryConvertData changes nothing with our settings."""
+    import txredisapi
+
+    assert "self.replyQueue.put(reply)" in inspect.getsource(txredisapi.BaseRedisProtocol.replyReceived)
+    lost = inspect.getsource(txredisapi.BaseRedisProtocol.connectionLost)
+    assert "while self.replyQueue.waiting:" in lost and "self.replyReceived(ConnectionError(" in lost
+    assert "self.replyReceived(res)" in inspect.getsource(txredisapi.RedisProtocol.dataReceived)
+    protocol = txredisapi.RedisProtocol(charset=None, convertNumbers=False)
+    assert (protocol.pipelining, protocol.inMulti, protocol.replyQueue.waiting) == (False, False, [])
+    reply = [[b"q:log", [[b"1-0", [b"s", b"1", b"c", b"{}"]]]], 5, b"", b"3.5", None]
+    assert protocol.tryConvertData(reply) == reply
+    with pytest.raises(txredisapi.ResponseError):
+        protocol.handle_reply(txredisapi.ResponseError("NOSCRIPT"))
 
 
 def test_autobahn_opens_a_connection_as_open_connection_does():

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 
+import pytest
 import pytest_twisted
+from support.waiting import timed, until
 
 
 def _sockets_to(port: int) -> list[socket.socket]:
@@ -81,3 +84,41 @@ def test_direct_writes_go_out_at_once_and_never_overtake():
         transport.stopWriting()
         for s in (client, accepted, listener):
             s.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_late_reply_fails_every_waiting_command_and_drops_the_connection(redis_server, queue):
+    """
+    Each command has its own reply deadline (one timer per connection): replies
+    in time, however many deadlines the timer passed, leave the connection up;
+    a late one fails with a timeout, so does every command behind it, and the
+    connection is dropped and made again.
+    """
+    import txredisapi
+    from twisted.internet import reactor
+
+    from pushservice.redislink import Prefix, RedisLink
+    from pushservice.redisurl import parse_redis_url
+
+    changes: list[bool] = []
+    link = RedisLink(reactor, parse_redis_url(redis_server.url), 1.0, 5.0, lambda link: changes.append(link.up))
+    link.start()
+    try:
+        await timed(link.when_up())
+        first = link._protocol
+        # three blocking reads of 0.7 s each, back to back: each replies within its own second
+        for _ in range(3):
+            assert await timed(link.command_after(Prefix.of("BLPOP", f"{queue}:empty"), 0.7)) is None
+        assert link._protocol is first and changes == [True]
+        started = time.monotonic()
+        late = link.command("BLPOP", f"{queue}:empty", 0)  # never answered
+        behind = link.command("PING")  # Redis answers it only after the BLPOP
+        for d in (late, behind):
+            with pytest.raises(txredisapi.TimeoutError):
+                await timed(d)
+        assert 0.9 < time.monotonic() - started < 5
+        await until(lambda: link.up and link._protocol is not first, what="connected again")
+        assert changes == [True, False, True]
+        assert await timed(link.command("PING")) == b"PONG"
+    finally:
+        await link.stop()
