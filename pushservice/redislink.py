@@ -182,20 +182,21 @@ class RedisLink:
 
     def command(self, *args: Any) -> defer.Deferred[Any]:
         """Send one command; its reply, or a failure (L{NotConnected} at once when down)."""
-        if not self.up:
-            return defer.fail(NotConnected(self.last_error))
-        try:
-            return self._protocol.execute_command(*args)  # type: ignore[no-any-return]
-        except Exception:
-            return defer.fail()
+        return self._send(lambda protocol: protocol.execute_command(*args))
 
     def command_after(self, prefix: Prefix, *args: Any) -> defer.Deferred[Any]:
         """L{command} of C{prefix}'s arguments then C{args}, the prefix not encoded again."""
+        return self._send(
+            lambda protocol: protocol.send_encoded(
+                b"*%d\r\n%s%s" % (prefix.arity + len(args), prefix.encoded, encode_arguments(args))
+            )
+        )
+
+    def _send(self, send: Callable[[Any], defer.Deferred[Any]]) -> defer.Deferred[Any]:
         if not self.up:
             return defer.fail(NotConnected(self.last_error))
         try:
-            command = b"*%d\r\n%s%s" % (prefix.arity + len(args), prefix.encoded, encode_arguments(args))
-            return self._protocol.send_encoded(command)  # type: ignore[no-any-return]
+            return send(self._protocol)
         except Exception:
             return defer.fail()
 

@@ -72,9 +72,8 @@ def command_protocol() -> Any:
         _timer: Any = None
 
         def makeConnection(self, transport: Any) -> None:
-            self._sent: collections.deque[float] = (
-                collections.deque()
-            )  # when each command waiting for its reply went out
+            # when each command still waiting for its reply went out, oldest first
+            self._sent: collections.deque[float] = collections.deque()
             super().makeConnection(DirectWrites(transport))
 
         def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
