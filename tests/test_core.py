@@ -7,7 +7,7 @@ import json
 import pytest
 import pytest_twisted
 from support.clients import connect
-from support.waiting import until
+from support.waiting import timed, until
 
 
 @pytest_twisted.ensureDeferred
@@ -33,6 +33,21 @@ async def test_order_and_exactly_once(node, redis_sync):
     offsets = [tuple(map(int, f["offset"].split("-"))) for f in frames]
     assert offsets == sorted(offsets) and len(set(offsets)) == 300
     await client.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_node_ready_for_replays_is_moving_items_too(redis_server, queue):
+    """The moment the history is loaded, the mover runs too: /healthz never says "loading history" after it."""
+    from support.inprocess import InProcessNode
+
+    node = InProcessNode(redis_server.url, queue)
+    node.service.startService()
+    try:
+        seen: list[str | None] = []
+        await timed(node.hub.when_ready().addCallback(lambda _: seen.append(node.parts.bus.health())))
+        assert seen != ["loading history"], seen
+    finally:
+        await node.stop()
 
 
 @pytest_twisted.ensureDeferred
