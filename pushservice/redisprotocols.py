@@ -76,9 +76,6 @@ def command_protocol() -> Any:
             self._sent: collections.deque[float] = collections.deque()
             super().makeConnection(DirectWrites(transport))
 
-        def _build_command(self, *args: Any, **kwargs: Any) -> bytes:
-            return _internals.encode_command(args)
-
         def tryConvertData(self, data: Any) -> Any:
             return data  # what txredisapi's returns with charset=None and convertNumbers=False, less a list copy
 

@@ -17,6 +17,7 @@ import pytest
 from autobahn.twisted.websocket import WebSocketAdapterProtocol, WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.protocol import WebSocketProtocol
 from twisted.internet import abstract, tcp
+from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper
 
 from pushservice import _internals
@@ -166,7 +167,11 @@ def test_command_encoding_matches_txredisapi():
         ("SET", "k", "v" * 100_000),
     ]:
         assert _internals.encode_command(args) == reference._build_command(*args)
-        assert command_protocol()(charset=None)._build_command(*args) == reference._build_command(*args)
+        commands = command_protocol()(charset=None)
+        sent = StringTransport()
+        commands.makeConnection(sent)
+        commands.execute_command(*args)
+        assert sent.value() == reference._build_command(*args)
         assert subscriber_protocol()(charset=None)._build_command(*args) == reference._build_command(*args)
         for cut in range(len(args) + 1):  # a constant first part encoded once (redislink.Prefix)
             parts = _internals.encode_arguments(args[:cut]) + _internals.encode_arguments(args[cut:])
